@@ -59,7 +59,9 @@ def main() -> None:
     """Run the app; user errors become one stderr line and exit code 2 (tracebacks only with --debug)."""
     debug = "--debug" in sys.argv or os.environ.get("NORA_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns (not raises) typer.Exit codes in this mode
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except NoraError as err:
         if debug:
             raise

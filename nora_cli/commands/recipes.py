@@ -1,10 +1,90 @@
-"""`nora recipes ...` (placeholder)."""
+"""`nora recipes list|show|schema|validate`: browse shipped recipes and check your own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
 
 import typer
 
-app = typer.Typer(no_args_is_help=True)
+from nora_cli.errors import NoraError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Override a recipe key, e.g. --set train.max_steps=10 --set method=nora+ "
+        "--set adapter.target_modules=[q_proj,v_proj] (value parsed as YAML; repeatable).",
+    ),
+]
+RecipeArg = Annotated[
+    str, typer.Argument(help="Recipe YAML path, or a shipped recipe name (see `nora recipes list`).")
+]
+
+
+def _fail(err: NoraError) -> SystemExit:
+    """Report a user error the way `nora` does (one stderr line, exit 2), also under CliRunner.
+
+    SystemExit rather than typer.Exit: with standalone_mode=False (cli.main) click turns typer.Exit
+    into a return value, which would lose the exit code."""
+    print(f"error: {err}", file=sys.stderr)
+    return SystemExit(err.exit_code)
 
 
 @app.command("list")
 def list_() -> None:
-    """List shipped recipes."""
+    """List shipped recipes: name, method, base model and what each one reproduces."""
+    import yaml
+    from rich.console import Console
+    from rich.table import Table
+
+    from nora_cli.recipe import recipe_description, recipes_dir, shipped_recipes
+
+    table = Table(title=f"recipes in {recipes_dir()}")
+    for column in ("name", "method", "model"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("description")
+    for path in shipped_recipes():
+        raw = yaml.safe_load(path.read_text()) or {}
+        model = raw.get("model") or {}
+        table.add_row(
+            path.stem, str(raw.get("method", "nora")), str(model.get("source", "")), recipe_description(path)
+        )
+    Console(soft_wrap=True).print(table)
+
+
+@app.command("show")
+def show(name: RecipeArg) -> None:
+    """Print a recipe's YAML verbatim (redirect it to a file to start your own)."""
+    from nora_cli.recipe import find_recipe
+
+    try:
+        path = find_recipe(name)
+    except NoraError as err:
+        raise _fail(err) from None
+    sys.stdout.write(path.read_text())
+
+
+@app.command("schema")
+def schema() -> None:
+    """Print the recipe JSON schema (every key, type, default and meaning)."""
+    from nora_cli.recipe import recipe_json_schema
+
+    print(json.dumps(recipe_json_schema(), indent=2))
+
+
+@app.command("validate")
+def validate(name: RecipeArg, overrides: SetOption = None) -> None:
+    """Check a recipe (plus --set overrides) and print it fully resolved: presets filled, paths absolute."""
+    from nora_cli.recipe import load_recipe, recipe_to_yaml
+
+    try:
+        recipe = load_recipe(name, overrides or [])
+    except NoraError as err:
+        raise _fail(err) from None
+    sys.stdout.write(recipe_to_yaml(recipe))

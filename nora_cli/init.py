@@ -1,0 +1,324 @@
+"""Adapter initializations applied to a PEFT LoRA model after its real weights are attached.
+
+`initialize(model, method)` rewrites lora_A / lora_B of every LoRA layer in place. PEFT's own inits
+(lora, gaussian, pissa, olora) are delegated to the LoraLayer methods; `nystrom` is the paper's NoRA init
+(ICLR 2025, eq. 5): one factor is a scaled Gaussian sketch of W0, the other is zero, so W0 + s·B·A = W0
+at step 0 and the first gradient step already moves inside W0's column (or row) space.
+
+Randomness never touches the global RNG: each module draws from a generator seeded by
+sha256(f"{seed}:{name}"), `name` being the module's path in the underlying transformers/torch model
+(e.g. "model.layers.0.self_attn.q_proj"). Every data-parallel rank therefore builds identical adapters
+without communication, whatever the module order or RNG state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from nora_cli.errors import NoraError
+
+if TYPE_CHECKING:
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from torch import nn
+
+Side = Literal["output", "input"]
+
+
+@dataclass(frozen=True)
+class InitOptions:
+    """What the user asked for; recorded as the "init" block of nora.json."""
+
+    name: str
+    sigma: float = 0.1  # nystrom: std of the sketch relative to W0, after dividing by the LoRA scaling
+    side: Side = "output"  # nystrom: "output" sketches B = W0·Ω (paper eq. 5), "input" sketches A = Ω·W0
+    seed: int = 0  # per-module generators derive from (seed, module name)
+
+
+@dataclass(frozen=True)
+class InitMethod:
+    apply: Callable[[LoraLayer, str, str, InitOptions], None]  # (layer, module name, adapter, options)
+    modifies_base: bool  # True: W0 is replaced by a residual; export must convert to plain LoRA
+    kinds: tuple[str, ...] | None = None  # base layer kinds (see _WEIGHTS) it supports; None: PEFT decides
+    float_only: bool = False  # refuses quantized base weights
+
+
+# ---------------------------------------------------------------------------------------------------
+# determinism
+
+
+def module_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from (seed, module name); hashlib, because Python's hash() is salted per process."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def gaussian_sketch(seed: int, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Ω ~ N(0, 1) in fp32, drawn on CPU so the values do not depend on the accelerator."""
+    import torch
+
+    generator = torch.Generator(device="cpu").manual_seed(module_seed(seed, name))
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+@contextmanager
+def _seeded_rng(seed: int, name: str, device: torch.device) -> Iterator[None]:
+    """Seed the global RNG for PEFT's own random inits, and restore it afterwards."""
+    import torch
+
+    devices: list[int] = []
+    if device.type not in ("cpu", "meta"):
+        devices = list(range(torch.get_device_module(device.type).device_count()))
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else None):
+        torch.manual_seed(module_seed(seed, name))
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------
+# base weights as an out × in fp32 matrix (first match wins; bnb Linear4bit/8bitLt subclass nn.Linear)
+
+
+def _linear_weight(base: nn.Module) -> torch.Tensor:
+    """Plain weights as they are; bnb 4/8-bit, HQQ, torchao dequantized (this layer only)."""
+    from peft.utils.integrations import dequantize_bnb_weight, dequantize_module_weight, get_bnb_param_type
+
+    if get_bnb_param_type(base.weight):
+        # Not dequantize_module_weight: on CPU it re-assigns module.weight, which drops bnb 8-bit row
+        # scales after the first forward (peft 0.21.2), breaking the next forward.
+        return dequantize_bnb_weight(base.weight, state=getattr(base, "state", None))
+    return dequantize_module_weight(base)
+
+
+def _conv1d_weight(base: nn.Module) -> torch.Tensor:
+    return base.weight.T  # transformers Conv1D (GPT-2) stores in × out
+
+
+def _conv_weight(base: nn.Module) -> torch.Tensor:
+    return base.weight.flatten(1)  # out × (in·k…), the order PEFT's conv lora_A (r × in × k…) flattens to
+
+
+def _is_conv1d(base: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(base, Conv1D)
+
+
+def _is_linear(base: nn.Module) -> bool:
+    from torch import nn
+
+    return isinstance(base, nn.Linear)
+
+
+def _is_conv(base: nn.Module) -> bool:
+    from torch import nn
+
+    # Grouped convs get a block-diagonal lora_B in PEFT, which no single W0 sketch matches.
+    return isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and base.groups == 1
+
+
+_WEIGHTS: list[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], torch.Tensor]]] = [
+    (CONV1D := "transformers Conv1D", _is_conv1d, _conv1d_weight),
+    (LINEAR := "Linear", _is_linear, _linear_weight),
+    (CONV := "Conv1d/2d/3d (groups=1)", _is_conv, _conv_weight),
+]
+ALL_KINDS = (CONV1D, LINEAR, CONV)
+
+
+def _kind(layer: LoraLayer) -> str | None:
+    base = layer.get_base_layer()
+    return next((kind for kind, match, _ in _WEIGHTS if match(base)), None)
+
+
+def _require(layer: LoraLayer, name: str, method: str, kinds: tuple[str, ...]) -> str:
+    kind = _kind(layer)
+    if kind not in kinds:
+        base = layer.get_base_layer()
+        detail = f" (groups={base.groups})" if getattr(base, "groups", 1) != 1 else ""
+        raise NoraError(f"init {method!r} does not support {type(base).__name__}{detail} layers "
+                        f"(module {name!r}); supported: {', '.join(kinds)}")
+    return kind
+
+
+def base_weight_matrix(layer: LoraLayer, name: str = "?") -> torch.Tensor:
+    """W0 of one LoRA layer as an fp32 out × in_flat matrix on W0's device (dequantized if needed)."""
+    import torch
+
+    kind = _require(layer, name, "nystrom", ALL_KINDS)
+    base = layer.get_base_layer()
+    if base.weight.is_meta:
+        raise NoraError(f"module {name!r} has no weights yet (meta device); initialize after loading them")
+    fetch = next(fn for k, _, fn in _WEIGHTS if k == kind)
+    return fetch(base).to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the inits
+
+
+def _nystrom(layer: LoraLayer, name: str, adapter: str, opts: InitOptions) -> None:
+    """Output side: B0 = (σ/s)·W0·Ω, A0 = 0.  Input side: A0 = (σ/s)·Ω·W0, B0 = 0.  One matmul, no SVD."""
+    w0 = base_weight_matrix(layer, name)
+    lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    rank, coef = layer.r[adapter], opts.sigma / layer.scaling[adapter]
+    if opts.side == "output":
+        omega = gaussian_sketch(opts.seed, name, (w0.shape[1], rank)).to(w0.device)
+        sketch, target, zero = w0 @ omega, lora_b, lora_a
+    else:
+        omega = gaussian_sketch(opts.seed, name, (rank, w0.shape[0])).to(w0.device)
+        sketch, target, zero = omega @ w0, lora_a, lora_b
+    del w0, omega  # peak extra memory: one fp32 W0 (a copy only when W0 is not fp32 already)
+    sketch.mul_(coef)
+    target.copy_(sketch.reshape(target.shape).to(target.dtype))
+    zero.zero_()
+
+
+def _peft_random(init_lora_weights: bool | str) -> Callable[[LoraLayer, str, str, InitOptions], None]:
+    def apply(layer: LoraLayer, name: str, adapter: str, opts: InitOptions) -> None:
+        with _seeded_rng(opts.seed, name, layer.get_base_layer().weight.device):
+            layer.reset_lora_parameters(adapter, init_lora_weights)  # also handles Embedding LoRA
+
+    return apply
+
+
+def _keep_dtype(layer: LoraLayer, adapter: str, fn: Callable[[], None]) -> None:
+    """PiSSA/OLoRA assign fp32 `.data` to the LoRA weights; keep the dtype the model was built with."""
+    params = [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+    dtypes = [p.dtype for p in params]
+    fn()
+    for param, dtype in zip(params, dtypes, strict=True):
+        param.data = param.data.to(dtype)  # .data keeps the Parameter object the optimizer holds
+
+
+def _pissa(layer: LoraLayer, name: str, adapter: str, opts: InitOptions) -> None:
+    with _seeded_rng(opts.seed, name, layer.get_base_layer().weight.device):  # pissa_niter_K is randomized
+        _keep_dtype(layer, adapter, lambda: layer.pissa_init(adapter, opts.name))
+
+
+def _olora(layer: LoraLayer, name: str, adapter: str, opts: InitOptions) -> None:
+    _keep_dtype(layer, adapter, lambda: layer.olora_init(adapter))
+
+
+INITS: dict[str, InitMethod] = {
+    "lora": InitMethod(_peft_random(True), modifies_base=False),  # Kaiming-uniform A, zero B
+    "gaussian": InitMethod(_peft_random("gaussian"), modifies_base=False),  # A ~ N(0, 1/r), zero B
+    # also "pissa_niter_K" (randomized SVD); PEFT's pissa_init refuses quantized weights
+    "pissa": InitMethod(_pissa, modifies_base=True, kinds=(LINEAR, CONV1D), float_only=True),
+    # PEFT's olora_init ignores fan_in_fan_out, so GPT-2 Conv1D would get transposed factors
+    "olora": InitMethod(_olora, modifies_base=True, kinds=(LINEAR,)),
+    "nystrom": InitMethod(_nystrom, modifies_base=False, kinds=ALL_KINDS),
+}
+_PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d*")
+
+
+def init_method(name: str) -> InitMethod:
+    if name in INITS:
+        return INITS[name]
+    if _PISSA_NITER.fullmatch(name):
+        return INITS["pissa"]
+    valid = ", ".join([*INITS, "pissa_niter_K"])
+    raise NoraError(f"unknown init {name!r}; valid: {valid}")
+
+
+def modifies_base(method: str) -> bool:
+    """Whether `method` rewrites base weights (then save the initial adapter for export)."""
+    return init_method(method).modifies_base
+
+
+# ---------------------------------------------------------------------------------------------------
+# entry points
+
+
+def _root(model: nn.Module) -> nn.Module:
+    """The transformers/torch model under PEFT's wrappers: module names are keyed on it."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if isinstance(model, PeftModel):
+        return model.get_base_model()
+    return model.model if isinstance(model, BaseTuner) else model
+
+
+def _check(entry: InitMethod, layer: LoraLayer, name: str, method: str) -> None:
+    import torch
+    from peft.utils.integrations import get_bnb_param_type
+
+    if entry.kinds is not None:
+        _require(layer, name, method, entry.kinds)
+    weight = layer.get_base_layer().weight  # bnb 4-bit may be stored as a float dtype (quant_storage)
+    quantized = get_bnb_param_type(weight) or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+    if entry.float_only and quantized:
+        raise NoraError(f"init {method!r} needs a float base weight, but {name!r} is quantized; "
+                        "initialize it on an unquantized model")
+
+
+def lora_layers(model: nn.Module, adapter_name: str = "default") -> list[tuple[str, LoraLayer]]:
+    """(name, layer) for every LoRA layer holding `adapter_name`, names relative to the base model."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, module) for name, module in _root(model).named_modules()
+            if isinstance(module, LoraLayer) and adapter_name in module.r]
+
+
+def initialize(
+    model: nn.Module,
+    method: str,
+    *,
+    sigma: float = 0.1,
+    side: Side = "output",
+    seed: int = 0,
+    adapter_name: str = "default",
+) -> nn.Module:
+    """Apply `method` to every LoRA layer of `adapter_name` in place; returns the model.
+
+    Sets `model.nora_init` (the nora.json "init" block) and `model.nora_modifies_base` (True for
+    PiSSA/OLoRA: call `save_initial_adapter` now so export can convert back to plain LoRA).
+    """
+    import torch
+
+    entry = init_method(method)
+    if side not in ("output", "input"):
+        raise NoraError(f"unknown init side {side!r}; expected output or input")
+    if not sigma > 0:
+        raise NoraError(f"init sigma must be positive, got {sigma}")
+    if getattr(model, "nora_modifies_base", False):
+        raise NoraError(f"the base weights were already rewritten by init {model.nora_init['name']!r}; "
+                        "initialize a freshly loaded model")
+    layers = lora_layers(model, adapter_name)
+    if not layers:
+        raise NoraError(f"no LoRA layers with adapter {adapter_name!r}; wrap the model with get_peft_model first")
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    preset = getattr(config, "init_lora_weights", True)
+    if preset not in (True, False, "gaussian"):
+        raise NoraError(f"the LoraConfig already applied init_lora_weights={preset!r}; "
+                        "build it with init_lora_weights=True and let nora initialize")
+    opts = InitOptions(name=method, sigma=float(sigma), side=side, seed=int(seed))
+    for name, layer in layers:  # check every layer first, so an error leaves the model untouched
+        _check(entry, layer, name, method)
+    with torch.no_grad():
+        for name, layer in layers:
+            entry.apply(layer, name, adapter_name, opts)
+    model.nora_init = asdict(opts)
+    model.nora_modifies_base = entry.modifies_base
+    return model
+
+
+def save_initial_adapter(model: nn.Module, directory: str | Path, *, adapter_name: str = "default",
+                         is_main_process: bool = True) -> Path:
+    """Save the adapter right after init, for `save_pretrained(path_initial_model_for_weight_conversion=…)`.
+
+    PEFT requires the saved config to say init_lora_weights=True, or loading it would re-run PiSSA
+    on the residual base. Export then stores ΔW = B·A − B0·A0 as a rank-2r LoRA on the ORIGINAL base.
+    """
+    config = model.peft_config[adapter_name]
+    preset, config.init_lora_weights = config.init_lora_weights, True
+    try:
+        model.save_pretrained(str(directory), selected_adapters=[adapter_name], is_main_process=is_main_process)
+    finally:
+        config.init_lora_weights = preset
+    return Path(directory) if adapter_name == "default" else Path(directory) / adapter_name

@@ -1,0 +1,507 @@
+"""The recipe: one typed, strict schema for everything `nora train` does, loaded from YAML.
+
+Unknown keys fail (with the closest valid key suggested), every field has a default with its unit,
+the method name (`lora`, `nora`, `lora-p`, `nora+`) expands into init/preconditioner presets that
+explicit keys override, and relative paths resolve against the recipe file so a recipe can travel
+with its data. The resolved recipe is saved beside every adapter (`recipe_to_yaml`) and loads back
+to an equal object.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from nora_cli.errors import NoraError
+
+Method = Literal["lora", "nora", "lora-p", "nora+"]
+InitName = Literal["lora", "gaussian", "pissa", "olora", "nystrom"]
+Precondition = Literal["none", "scaled-gd"]
+
+_PISSA_NITER = re.compile(r"^pissa_niter_[1-9][0-9]*$")
+_INIT_NAMES: tuple[str, ...] = ("lora", "gaussian", "pissa", "olora", "nystrom")
+
+
+class _Section(BaseModel):
+    """Strict base: a typo in a recipe is an error, never a silently ignored key."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelConfig(_Section):
+    source: str = Field(
+        "smollm2-135m",
+        description="Base model: hub id, local directory, .gguf file, or a nora alias such as 'smollm2-135m'. "
+        "Relative paths resolve against the recipe file.",
+    )
+    gguf_file: str | None = Field(
+        None,
+        description="GGUF file name inside `source` when source is a hub repo/directory holding GGUF files.",
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Storage dtype of the frozen base weights (adapters train in fp32)."
+    )
+    quantization: Literal["4bit", "8bit"] | None = Field(
+        None, description="bitsandbytes quantization of the base weights (QLoRA-style); needs a CUDA GPU."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub repo.")
+
+
+TargetModules = list[str] | Literal["all-linear"]
+
+
+class AdapterConfig(_Section):
+    r: int = Field(32, gt=0, description="LoRA rank r (columns of B, rows of A).")
+    alpha: float = Field(
+        64, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."
+    )
+    dropout: float = Field(
+        0.05, ge=0, lt=1, description="Dropout on the adapter input, probability in [0, 1)."
+    )
+    target_modules: TargetModules = Field(
+        ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+        description="Module names (suffixes) to wrap with LoRA, or 'all-linear'.",
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilized scaling alpha/sqrt(r) instead of alpha/r.")
+    init: InitName | Annotated[str, StringConstraints(pattern=_PISSA_NITER.pattern)] | None = Field(
+        None,
+        description="Adapter initialization: lora (B=0, A Kaiming), gaussian, pissa, pissa_niter_K, olora, "
+        "nystrom (NoRA). null: chosen by `method`.",
+    )
+    sigma: float = Field(
+        0.1, gt=0, description="NoRA: std of the Gaussian sketch used by the Nyström init (paper's sigma)."
+    )
+    side: Literal["output", "input"] = Field(
+        "output",
+        description="NoRA: sketch W0 from the output side (B from W0·Ω) or the input side (A from Ωᵀ·W0).",
+    )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _check_targets(cls, value: Any) -> Any:
+        if value == "all-linear":
+            return value
+        if isinstance(value, str):  # a single name is a common shorthand
+            return [value]
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise ValueError(f"expected a non-empty list of module names or 'all-linear', got {value!r}")
+        return value
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _check_init(cls, value: Any) -> Any:
+        if value is None or value in _INIT_NAMES or (isinstance(value, str) and _PISSA_NITER.match(value)):
+            return value
+        hint = difflib.get_close_matches(str(value), _INIT_NAMES, n=1)
+        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+        raise ValueError(
+            f"expected one of {', '.join(_INIT_NAMES)}, pissa_niter_K or null, got {value!r}{did_you_mean}"
+        )
+
+
+class OptimizerConfig(_Section):
+    name: Literal["adamw", "sgd"] = Field("adamw", description="Base optimizer (torch.optim).")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW) / L2 (SGD).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2).")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum in [0, 1).")
+    precondition: Precondition | None = Field(
+        None,
+        description="Gradient preconditioner: none, or scaled-gd (ScaledGD on the B/A pair). null: from `method`.",
+    )
+    normalize: bool | None = Field(
+        None, description="Normalize the preconditioned step (NoRA+). null: from `method`."
+    )
+    damping: float = Field(1e-6, ge=0, description="Ridge added to BᵀB / AAᵀ before inverting in ScaledGD.")
+
+
+class DataConfig(_Section):
+    path: str = Field(
+        "builtin:demo",
+        description="Training data: local JSON/JSONL/Parquet file (relative to the recipe file), hub dataset "
+        "name, or builtin:NAME (generated by nora).",
+    )
+    format: Literal["alpaca", "gsm8k", "text", "chat"] = Field(
+        "alpaca",
+        description="Record layout: alpaca (instruction/input/output), gsm8k (query/response or question/answer), "
+        "text (one `text` field), chat (messages).",
+    )
+    template: Literal["alpaca", "chat", "none"] = Field(
+        "alpaca", description="Prompt template wrapping each record (alpaca matches LLM-Adapters verbatim)."
+    )
+    split: str = Field("train", description="Split to read for hub datasets.")
+    train_on_inputs: bool = Field(
+        True, description="Compute the loss on prompt tokens too (LLM-Adapters default)."
+    )
+    cutoff_len: int = Field(256, gt=0, description="Maximum tokens per example; longer ones are truncated.")
+    add_eos: bool = Field(True, description="Append the EOS token to each training example.")
+    val_set_size: int = Field(
+        0, ge=0, description="Examples held out from training for validation loss (0: none)."
+    )
+    max_samples: int | None = Field(
+        None, gt=0, description="Use only the first N examples (after shuffling)."
+    )
+    shuffle: bool = Field(
+        True, description="Shuffle examples (seeded by `seed`) before selection and training."
+    )
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(1, gt=0, description="Passes over the training set (fractions allowed).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides `epochs` when set.")
+    batch_size: int = Field(
+        8, gt=0, description="Global batch: examples per optimizer step, across processes."
+    )
+    micro_batch_size: int = Field(8, gt=0, description="Examples per forward pass per process.")
+    lr_schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Decay after warmup: linear to 0, cosine to 0, or constant."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Autocast dtype for forward/backward (accelerate mixed_precision)."
+    )
+    log_steps: int = Field(1, gt=0, description="Write metrics every N optimizer steps.")
+    eval_steps: int | None = Field(
+        None, gt=0, description="Validation loss every N optimizer steps (null: never)."
+    )
+    save_steps: int | None = Field(
+        None, gt=0, description="Checkpoint every N optimizer steps (null: only at the end)."
+    )
+    keep_last: int | None = Field(2, gt=0, description="Keep the newest N checkpoints (null: keep all).")
+    save_best: bool = Field(False, description="Also keep the checkpoint with the lowest validation loss.")
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop", description="On a non-finite loss: stop with an error, or skip that step."
+    )
+    num_processes: int = Field(1, gt=0, description="Data-parallel processes (accelerate launch).")
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> TrainConfig:
+        per_step = self.micro_batch_size * self.num_processes
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size × num_processes "
+                f"({self.micro_batch_size} × {self.num_processes} = {per_step}); change one of them"
+            )
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches accumulated per optimizer step in each process."""
+        return self.batch_size // (self.micro_batch_size * self.num_processes)
+
+
+class EvalConfig(_Section):
+    tasks: list[str] = Field(
+        [], description="Tasks evaluated after training (e.g. boolq, arc-easy, gsm8k, demo)."
+    )
+    protocol: Literal["llm-adapters", "loglikelihood"] = Field(
+        "llm-adapters",
+        description="llm-adapters: greedy generation + answer extraction as in LLM-Adapters; "
+        "loglikelihood: pick the highest-likelihood choice.",
+    )
+    limit: int | None = Field(None, gt=0, description="Evaluate only the first N examples per task.")
+    batch_size: int = Field(16, gt=0, description="Prompts per generation/scoring batch.")
+    data: dict[str, str] = Field(
+        {},
+        description="Task name -> test file path (relative to the recipe file), overriding the default location.",
+    )
+
+
+class OutputConfig(_Section):
+    dir: str = Field(
+        "out/run",
+        description="Output directory for the adapter, metrics and checkpoints. Relative paths resolve "
+        "against the current working directory (not the recipe file).",
+    )
+
+
+class MethodPreset(NamedTuple):
+    """What a method name means; explicit adapter.init / optimizer.* keys win over it."""
+
+    init: str
+    precondition: str
+    normalize: bool
+
+
+METHOD_PRESETS: dict[str, MethodPreset] = {
+    "lora": MethodPreset(init="lora", precondition="none", normalize=False),
+    "nora": MethodPreset(init="nystrom", precondition="none", normalize=False),
+    "lora-p": MethodPreset(init="lora", precondition="scaled-gd", normalize=False),
+    "nora+": MethodPreset(init="nystrom", precondition="scaled-gd", normalize=True),
+}
+
+
+class Recipe(_Section):
+    """A complete training run. Sections mirror the YAML; see `nora recipes schema`."""
+
+    method: Method = Field(
+        "nora",
+        description="lora: LoRA init + AdamW; nora: Nyström init; lora-p: LoRA init + ScaledGD; "
+        "nora+: Nyström init + normalized ScaledGD. Explicit adapter.init / optimizer.* keys override.",
+    )
+    task: Literal["causal-lm", "dreambooth"] = Field("causal-lm", description="What is being finetuned.")
+    seed: int = Field(0, description="Seed for init sketches, data shuffling and dropout.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="LoRA adapter shape and init.")
+    optimizer: OptimizerConfig = Field(
+        default_factory=OptimizerConfig, description="Optimizer and preconditioner."
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="Loop length, batching, schedule, saving."
+    )
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation after training.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Recipe:
+        preset = METHOD_PRESETS[self.method]
+        if self.adapter.init is None:
+            self.adapter = self.adapter.model_copy(update={"init": preset.init})
+        updates = {
+            key: getattr(preset, key)
+            for key in ("precondition", "normalize")
+            if getattr(self.optimizer, key) is None
+        }
+        if updates:
+            self.optimizer = self.optimizer.model_copy(update=updates)
+        if self.task == "dreambooth" and getattr(self, "dreambooth", None) is None:
+            raise ValueError("task 'dreambooth' needs a `dreambooth:` section (instance prompt, images, ...)")
+        return self
+
+
+# --- where shipped recipes live ---------------------------------------------------------------------------
+
+
+def recipes_dir() -> Path:
+    """$NORA_RECIPES, else the repo's top-level recipes/ (editable install / Docker COPY beside the package),
+    else recipes packaged inside nora_cli/ (wheel install)."""
+    if env := os.environ.get("NORA_RECIPES"):
+        return Path(env).expanduser().resolve()
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "recipes", here / "recipes"):
+        if candidate.is_dir():
+            return candidate
+    return here.parent / "recipes"
+
+
+RECIPES_DIR = recipes_dir()
+
+
+def shipped_recipes() -> list[Path]:
+    """Every shipped recipe file, sorted by name."""
+    folder = recipes_dir()
+    return sorted(folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def recipe_description(path: Path) -> str:
+    """The one-line description from a recipe's leading comment (the line after the `nora ...` command)."""
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if text and not text.startswith(("nora ", "$ ")):
+            return text
+    return ""
+
+
+def find_recipe(path_or_name: str) -> Path:
+    """A recipe file path as given, or a shipped recipe by name (with or without .yaml)."""
+    path = Path(path_or_name).expanduser()
+    if path.is_file():
+        return path
+    if len(path.parts) > 1:
+        raise NoraError(f"recipe file not found: {path}")
+    name = path.stem if path.suffix in (".yaml", ".yml") else path.name
+    shipped = recipes_dir() / f"{name}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(p.stem for p in shipped_recipes()) or "none"
+    raise NoraError(f"no recipe file or shipped recipe named {path_or_name!r}; shipped recipes: {names}")
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow")
+# (section, key, file suffixes that mark a bare name as a path rather than a hub id)
+_PATH_FIELDS = (("model", "source", (".gguf",)), ("data", "path", _DATA_SUFFIXES))
+
+
+def _looks_like_path(value: str, base: Path, suffixes: Iterable[str] = ()) -> bool:
+    """Explicit paths (./, ../, /, ~), file names with a known suffix, or anything existing under `base`.
+    Hub ids (`org/name`) contain a slash too, so a bare `a/b` counts only if it exists or has a suffix."""
+    if not value or value.startswith("builtin:"):
+        return False
+    if value.startswith(("./", "../", "/", "~")) or value.lower().endswith(tuple(suffixes)):
+        return True
+    return (base / value).exists()
+
+
+def _absolute(value: str, base: Path) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
+    """Make input paths in a raw recipe tree absolute against `base` (in place). Wrong types are left for
+    pydantic to report."""
+    for section, key, suffixes in _PATH_FIELDS:
+        values = tree.get(section)
+        value = values.get(key) if isinstance(values, dict) else None
+        if isinstance(value, str) and _looks_like_path(value, base, suffixes):
+            values[key] = _absolute(value, base)
+    evaluation = tree.get("eval")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("data"), dict):
+        for task, value in evaluation["data"].items():
+            if isinstance(value, str) and not value.startswith("builtin:"):
+                evaluation["data"][task] = _absolute(value, base)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise NoraError(f"cannot read recipe {path}: {err.strerror}") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise NoraError(f"{where}: invalid YAML: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise NoraError(f"{path}: invalid YAML: {err}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise NoraError(f"{path}: a recipe must be a YAML mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    keys = key.strip().split(".")
+    if not sep or not all(k.strip() for k in keys):
+        raise NoraError(f"bad --set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.max_steps=10")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. `a: b` inside a string): take it literally
+    return [k.strip() for k in keys], value
+
+
+def _nest(keys: list[str], value: Any) -> dict[str, Any]:
+    tree: dict[str, Any] = {keys[-1]: value}
+    for key in reversed(keys[:-1]):
+        tree = {key: tree}
+    return tree
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any], trail: str = "") -> None:
+    """Deep-merge one override into the raw tree; a value cannot be indexed like a section."""
+    for key, value in update.items():
+        here, current = f"{trail}{key}", into.get(key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            _merge(current, value, f"{here}.")
+        elif isinstance(value, dict) and current is not None:
+            raise NoraError(
+                f"bad --set {here}.{next(iter(value))}: {here} is a value ({current!r}), not a section"
+            )
+        else:
+            into[key] = value
+
+
+def _field_names(loc: tuple[Any, ...]) -> list[str]:
+    """Valid keys at the level of `loc` (a path of section names from the Recipe root)."""
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    """One line for one pydantic error: dotted path, what was expected, what was given."""
+    loc = tuple(err["loc"])
+    dotted = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+    if err["type"] == "extra_forbidden":
+        valid = _field_names(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+        return f"unknown key {dotted!r}{hint} (valid here: {', '.join(valid)})"
+    msg = str(err["msg"])
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+        return f"{dotted}: {msg}" if dotted else msg
+    if err["type"] == "missing" and loc and isinstance(loc[-1], int):  # short tuple, e.g. betas: [0.9]
+        parent = dotted.rsplit("[", 1)[0]
+        return f"{parent}: too few values, got {err['input']!r}"
+    msg = re.sub(r"^Input should be (?=greater|less)", "expected a value ", msg)
+    msg = msg.replace("Input should be ", "expected ")
+    hint = ""
+    if err["type"] == "literal_error":
+        expected = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
+        close = difflib.get_close_matches(str(err["input"]), expected, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+    shown = "a mapping" if isinstance(err["input"], dict) else repr(err["input"])
+    return f"{dotted or 'recipe'}: {msg}, got {shown}{hint}"
+
+
+def validate_recipe(tree: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Build a Recipe from a raw (already path-resolved) tree; the first error becomes one NoraError line."""
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        errors = err.errors(include_url=False)
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise NoraError(f"{source}: {_format_error(errors[0])}{more}") from None
+
+
+def load_recipe(path_or_name: str, overrides: Iterable[str] = ()) -> Recipe:
+    """Load a recipe file or shipped recipe, apply `--set key.path=value` overrides, validate and resolve.
+
+    Paths written in the file resolve against the file's folder; paths given in overrides resolve against
+    the current directory (where the user typed them). output.dir always resolves against the current
+    directory: shipped recipes may live in a read-only install. The returned recipe holds absolute paths."""
+    path = find_recipe(str(path_or_name))
+    tree = _read_yaml(path)
+    _resolve_paths(tree, path.resolve().parent)
+    for text in overrides:
+        keys, value = _parse_override(text)
+        update = _nest(keys, value)
+        _resolve_paths(update, Path.cwd())
+        _merge(tree, update)
+    recipe = validate_recipe(tree, source=str(path))
+    recipe.output.dir = _absolute(recipe.output.dir, Path.cwd())
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (saved as out/recipe.yaml; `load_recipe` reads it back equal)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON schema of the recipe (for editors and `nora recipes schema`)."""
+    return Recipe.model_json_schema()

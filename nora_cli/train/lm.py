@@ -1,0 +1,116 @@
+"""Causal-LM job: load the base, wrap it with PEFT LoRA, apply the init, tokenize the data."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nora_cli.train.job import Job, LossOutput
+
+
+def build_peft_model(model: Any, recipe: Any) -> Any:
+    """get_peft_model + the recipe's init, computed from the real (loaded) base weights."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from nora_cli.init import initialize
+
+    mcfg, acfg = recipe.model, recipe.adapter
+    if mcfg.quantization:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=mcfg.gradient_checkpointing)
+    elif mcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=acfg.r,
+        lora_alpha=acfg.alpha,
+        lora_dropout=acfg.dropout,
+        target_modules=acfg.target_modules,
+        use_rslora=acfg.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+        init_lora_weights=True,  # the real init runs below, on the attached weights
+    )
+    model = get_peft_model(model, config)
+    initialize(model, acfg.init, sigma=acfg.sigma, side=acfg.side, seed=recipe.seed)
+    return model
+
+
+def causal_lm_loss(model: Any, batch: dict[str, Any]) -> LossOutput:
+    """Summed next-token cross-entropy over label tokens (the loop divides by the step's token count)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    return LossOutput(loss, (labels != -100).sum())
+
+
+def _to_device(collate_fn: Any, device: torch.device) -> Any:
+    def fn(features: list[dict]) -> dict[str, Any]:
+        batch = collate_fn(features)
+        out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if "num_tokens" in out:
+            out["num_units"] = int(out["num_tokens"])
+        return out
+
+    return fn
+
+
+def build_lm_job(recipe: Any, device: torch.device, out_dir: Path) -> Job:
+    from nora_cli.data.text import build_datasets, collate, load_records
+    from nora_cli.models import load_causal_lm, resolve_source
+
+    mcfg, dcfg = recipe.model, recipe.data
+    source = resolve_source(mcfg.source, mcfg.gguf_file)
+    device_map = {"": device} if mcfg.quantization else None
+    model, tokenizer = load_causal_lm(
+        source, dtype=mcfg.dtype, quantization=mcfg.quantization, trust_remote_code=mcfg.trust_remote_code,
+        device_map=device_map,
+    )
+    model.config.use_cache = False
+    peft_model = build_peft_model(model, recipe)
+    modifies_base = bool(getattr(peft_model, "nora_modifies_base", False))
+    initial_dir = out_dir / "initial_adapter"
+    if modifies_base:
+        from nora_cli.init import save_initial_adapter
+
+        save_initial_adapter(peft_model, initial_dir)
+    if mcfg.quantization is None:
+        peft_model.to(device)
+
+    records = load_records(dcfg.path, split=dcfg.split)
+    train, val = build_datasets(
+        records, tokenizer, fmt=dcfg.format, template=dcfg.template, cutoff_len=dcfg.cutoff_len,
+        train_on_inputs=dcfg.train_on_inputs, add_eos=dcfg.add_eos, val_set_size=dcfg.val_set_size,
+        seed=recipe.seed, max_samples=dcfg.max_samples, shuffle=dcfg.shuffle,
+    )
+    collate_fn = _to_device(partial(collate, pad_token_id=tokenizer.pad_token_id), device)
+
+    def save_final(model: Any, target: Path) -> None:
+        if modifies_base:
+            from nora_cli.merge import save_converted_adapter
+
+            save_converted_adapter(model, target, initial_dir)
+        else:
+            model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+
+    return Job(
+        model=peft_model,
+        train_data=train,
+        val_data=val or None,
+        collate=collate_fn,
+        loss=causal_lm_loss,
+        save_final=save_final,
+        meta={
+            "base_model": mcfg.source,
+            "base_model_resolved": source.name_or_path,
+            "prompt_template": dcfg.template,
+            "modifies_base": modifies_base,
+        },
+        unit="tokens",
+    )

@@ -1,0 +1,317 @@
+"""The one training loop, shared by causal-LM and DreamBooth jobs.
+
+Reads top to bottom: setup → (resume) → for each optimizer step: lr → micro-batches
+(forward/backward, no DDP sync until the last) → normalize by the step's unit count →
+NoRA+ preconditioner (once per optimizer step, after unscaling) → clip → step → log →
+validate → checkpoint → stop checks. Data order is a pure function of (seed, step), so a
+checkpoint only needs the step number to resume mid-epoch exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nora_cli.errors import NoraError
+from nora_cli.train import checkpoint as ckpt
+from nora_cli.train.job import Job
+from nora_cli.train.metrics import MetricsLog, peak_memory_mb
+
+
+class TrainingStopped(Exception):
+    """Raised after a signal-triggered checkpoint; carries the conventional exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class NonFiniteLoss(NoraError):
+    exit_code = 1
+
+
+@dataclass
+class Schedule:
+    """Static step arithmetic for a run."""
+
+    total_steps: int
+    steps_per_epoch: int
+    accum: int  # micro-batches per optimizer step on each process
+    micro: int  # examples per micro-batch
+    batch: int  # global examples per optimizer step
+
+
+def plan_schedule(n_examples: int, train_cfg: Any, world: int) -> Schedule:
+    if train_cfg.batch_size % (train_cfg.micro_batch_size * world):
+        raise NoraError(
+            f"train.batch_size={train_cfg.batch_size} must be a multiple of train.micro_batch_size × "
+            f"processes = {train_cfg.micro_batch_size} × {world}"
+        )
+    steps_per_epoch = n_examples // train_cfg.batch_size
+    if steps_per_epoch == 0:
+        raise NoraError(f"the training set has {n_examples} examples, fewer than train.batch_size={train_cfg.batch_size}")
+    total = train_cfg.max_steps or math.ceil(train_cfg.epochs * steps_per_epoch)
+    accum = train_cfg.batch_size // (train_cfg.micro_batch_size * world)
+    return Schedule(total, steps_per_epoch, accum, train_cfg.micro_batch_size, train_cfg.batch_size)
+
+
+def lr_factor(step: int, *, total: int, warmup: int, kind: str) -> float:
+    """Multiplier on the base lr at optimizer step `step` (0-based): linear warmup, then decay."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+
+def step_indices(step: int, sched: Schedule, n_examples: int, seed: int, shuffle: bool) -> list[int]:
+    """The global example indices of optimizer step `step` (epoch-wise permutation from the seed)."""
+    epoch, offset = divmod(step, sched.steps_per_epoch)
+    if shuffle:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n_examples, generator=gen)
+    else:
+        order = torch.arange(n_examples)
+    start = offset * sched.batch
+    return order[start : start + sched.batch].tolist()
+
+
+class _SignalFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool) -> dict[str, Any]:
+    """Train `job` per `recipe.train`/`recipe.optimizer`; write checkpoints and final artifacts to out_dir."""
+    from nora_cli.optim import build_optimizer
+
+    tcfg, ocfg = recipe.train, recipe.optimizer
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    device = accelerator.device
+    n = len(job.train_data)
+    sched = plan_schedule(n, tcfg, world)
+
+    # --- setup: optimizer, preconditioner, schedule, DDP ---------------------------------
+    raw_model = job.model
+    optimizer, precond = build_optimizer(
+        raw_model, name=ocfg.name, lr=ocfg.lr, weight_decay=ocfg.weight_decay, betas=tuple(ocfg.betas),
+        momentum=ocfg.momentum, precondition=ocfg.precondition, damping=ocfg.damping, normalize=ocfg.normalize,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total=sched.total_steps, warmup=tcfg.warmup_steps, kind=tcfg.lr_schedule)
+    )
+    model, optimizer = accelerator.prepare(raw_model, optimizer)
+    trainable = [p for p in raw_model.parameters() if p.requires_grad]
+
+    # --- resume ---------------------------------------------------------------------------
+    start_step, best_val = 0, math.inf
+    if resume:
+        latest = ckpt.latest(out_dir)
+        if latest is None:
+            if main:
+                print(f"no checkpoint in {out_dir / 'checkpoints'}; starting from step 0")
+        else:
+            state = ckpt.load(latest, raw_model, optimizer, scheduler, precond, accelerator)
+            start_step, best_val = state["step"], state.get("best_val", math.inf)
+            if main:
+                print(f"resuming from {latest} (step {start_step}/{sched.total_steps})")
+
+    log = MetricsLog(out_dir / "metrics.jsonl", enabled=main, append=resume and start_step > 0)
+    step = start_step
+    with _SignalFlag() as flag, log.progress(sched.total_steps, start_step) as progress:
+        while step < sched.total_steps:
+            t0 = time.perf_counter()
+            model.train()
+            indices = step_indices(step, sched, n, recipe.seed, recipe.data.shuffle if hasattr(recipe, "data") else True)
+
+            # --- forward/backward over this process's micro-batches -----------------------
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            count = torch.zeros((), device=device, dtype=torch.float64)
+            units = 0
+            for i in range(sched.accum):
+                lo = (i * world + rank) * sched.micro
+                batch = job.collate([job.train_data[j] for j in indices[lo : lo + sched.micro]])
+                last = i == sched.accum - 1
+                with accelerator.no_sync(model) if not last else nullcontext(), accelerator.autocast():
+                    out = job.loss(model, batch)
+                accelerator.backward(out.loss_sum)
+                loss_sum += out.loss_sum.detach().double()
+                count += out.count.double()
+                units += int(batch.get("num_units", out.count))
+
+            # --- normalize: mean over all units of the global step (== one big batch) -------
+            totals = accelerator.reduce(torch.stack([loss_sum, count]), reduction="sum")
+            loss = (totals[0] / totals[1]).item()
+            scale = world / totals[1].item()  # DDP averaged grads over ranks; undo, then divide by units
+            if accelerator.scaler is not None:
+                accelerator.unscale_gradients()
+            for p in trainable:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+
+            # --- NoRA+ preconditioner, clip, step ------------------------------------------
+            if precond is not None:
+                precond.apply()
+            grad_norm = _clip(trainable, tcfg.max_grad_norm)
+            if accelerator.scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
+                # fp16 overflow: GradScaler skips this update and lowers its scale; not an error.
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                continue
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                what = "loss" if not math.isfinite(loss) else "gradient norm"
+                if tcfg.nan_policy == "stop":
+                    raise NonFiniteLoss(
+                        f"non-finite {what} at step {step + 1} (loss={loss}, grad_norm={grad_norm}); "
+                        f"last good checkpoint: {ckpt.latest(out_dir) or 'none'}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                log.warn(f"skipped step {step}: non-finite {what}")
+                continue
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            # --- log ---------------------------------------------------------------------------
+            units_total = int(accelerator.reduce(torch.tensor(units, device=device), reduction="sum").item())
+            dt = time.perf_counter() - t0
+            record = {
+                "step": step,
+                "epoch": round(step / sched.steps_per_epoch, 4),
+                "loss": loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                f"{job.unit}_per_s": units_total / dt,
+                "peak_mem_mb": peak_memory_mb(device),
+            }
+            if step % tcfg.log_steps == 0 or step == sched.total_steps:
+                log.write(record)
+            progress.update(step, record)
+
+            # --- validate ------------------------------------------------------------------
+            if tcfg.eval_steps and (step % tcfg.eval_steps == 0 or step == sched.total_steps):
+                val = evaluate_loss(job, model, accelerator, sched.micro)
+                if val is not None:
+                    log.write({"step": step, "val_loss": val})
+                    if tcfg.save_best and val < best_val:
+                        best_val = val
+                        if main:
+                            ckpt.atomic_dir(out_dir / "best", lambda d: job.save_final(raw_model, d))
+                if job.on_validate is not None and main:
+                    job.on_validate(raw_model, step, out_dir)
+
+            # --- checkpoint / stop -------------------------------------------------------------
+            stop = _agree(flag.signum is not None, accelerator)
+            if (tcfg.save_steps and step % tcfg.save_steps == 0 and step < sched.total_steps) or stop:
+                path = ckpt.save(out_dir, step, raw_model, optimizer, scheduler, precond, accelerator,
+                                 best_val=best_val, keep_last=tcfg.keep_last)
+                if stop:
+                    signum = flag.signum or signal.SIGTERM
+                    raise TrainingStopped(f"stopped by signal at step {step}; checkpoint: {path}", 128 + signum)
+                if os.environ.get("NORA_FAULT_KILL_AT_STEP") == str(step):  # crash injection for resume tests
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    # --- final artifacts -----------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if world > 1:  # DDP must have kept every rank's adapter identical; record the evidence
+        checksum = torch.stack([p.detach().double().sum() for p in trainable]).sum().reshape(1).to(device)
+        log.write({"rank_param_checksums": accelerator.gather(checksum).tolist()})
+    if main:
+        for name, value in ckpt.final_artifacts(out_dir, lambda d: job.save_final(raw_model, d)).items():
+            print(f"wrote {name}: {value}")
+        log.plot(out_dir / "loss.png")
+    accelerator.wait_for_everyone()
+    best = None if best_val == math.inf else best_val
+    # unwrap drops DDP and the autocast patch accelerate put on forward under mixed precision
+    plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    return {"steps": step, "final_loss": log.last_loss, "best_val": best, "model": plain}
+
+
+def evaluate_loss(job: Job, model: Any, accelerator: Any, micro: int) -> float | None:
+    """Unit-weighted mean loss over the validation set (sharded over processes)."""
+    if not job.val_data:
+        return None
+    model.eval()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    idx = list(range(rank * micro, len(job.val_data), world * micro))
+    with torch.no_grad():
+        for lo in idx:
+            batch = job.collate([job.val_data[j] for j in range(lo, min(lo + micro, len(job.val_data)))])
+            with accelerator.autocast():
+                out = job.loss(model, batch)
+            total += torch.stack([out.loss_sum.double(), out.count.double()])
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return (total[0] / total[1]).item() if total[1] > 0 else None
+
+
+def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+def _agree(flag: bool, accelerator: Any) -> bool:
+    """All ranks stop together if any rank got a signal."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor(float(flag), device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def write_run_info(out_dir: Path, recipe_yaml: str, nora_meta: dict[str, Any]) -> None:
+    """recipe.yaml + nora.json go in before training, so even a crashed run is self-describing."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write(out_dir / "recipe.yaml", recipe_yaml.encode())
+    ckpt.atomic_write(out_dir / "nora.json", (json.dumps(nora_meta, indent=2) + "\n").encode())
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("nora-cli", "torch", "transformers", "peft", "accelerate", "diffusers", "datasets", "bitsandbytes"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    out["python"] = ".".join(map(str, os.sys.version_info[:3]))
+    return out
