@@ -57,7 +57,7 @@ class ModelConfig(_Section):
         "fp32", description="Storage dtype of the frozen base weights (adapters train in fp32)."
     )
     quantization: Literal["4bit", "8bit"] | None = Field(
-        None, description="bitsandbytes quantization of the base weights (QLoRA-style); needs a CUDA GPU."
+        None, description="bitsandbytes quantization of the frozen base (QLoRA): 4bit = nf4 + double quant, 8bit = LLM.int8. Runs on CUDA, and on CPU with bitsandbytes ≥ 0.49."
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
@@ -505,3 +505,27 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 def recipe_json_schema() -> dict[str, Any]:
     """JSON schema of the recipe (for editors and `nora recipes schema`)."""
     return Recipe.model_json_schema()
+
+
+def recipe_reference_markdown() -> str:
+    """The README's recipe reference, generated from the schema (a test keeps README in sync)."""
+    lines: list[str] = []
+    sections = [("", Recipe)] + [
+        (name, info.annotation) for name, info in Recipe.model_fields.items()
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+    ]
+    for prefix, model in sections:
+        rows = [
+            (name, info) for name, info in model.model_fields.items()
+            if not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel))
+        ]
+        if not rows:
+            continue
+        lines += [f"**`{prefix or 'top level'}`**", "", "| key | default | meaning |", "|---|---|---|"]
+        for name, info in rows:
+            default = info.get_default(call_default_factory=True)
+            shown = "—" if default is None else f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            desc = (info.description or "").replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| `{name}` | {shown} | {desc} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
