@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -126,10 +127,86 @@ def convert_gguf(gguf: Path) -> Path:
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise load_error(err, source) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+#: weight files that `torch.load` unpickles (a pickle can run arbitrary code when loaded)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weight_format(source: ModelSource, allow_pickle: bool = False) -> None:
+    """Refuse a local model folder that has pickled weights but no safetensors, unless allowed.
+
+    Hub repos are covered by `use_safetensors=True` in `load_causal_lm`; this gives local folders the
+    same rule with a message that says what to do."""
+    path = Path(source.name_or_path)
+    if allow_pickle or not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise NoraError(
+            f"{source.display} has only pickled weights ({pickles[0]}), which can run code when loaded; "
+            "convert them to safetensors, or pass --allow-pickle (recipe: model.allow_pickle: true) "
+            "to load them with torch.load(weights_only=True)"
+        )
+
+
+def _offline() -> bool:
+    flags = (os.environ.get(k, "").lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f in ("1", "true", "yes", "on") for f in flags)
+
+
+def load_error(err: OSError, source: ModelSource) -> NoraError:
+    """One line for a failed `from_pretrained`: unreachable hub, pickle-only repo, or transformers' own first line."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    if not Path(source.name_or_path).exists():
+        if _offline() or "couldn't connect" in text or "offline" in text.lower():
+            return NoraError(
+                f"cannot reach the hub (offline?) to fetch {source.display!r}, and it is not in the local cache; "
+                "use a local path (a model folder, .gguf file or nora alias), or download it first"
+            )
+        if "use_safetensors" in text:  # transformers: the repo has no *.safetensors
+            return NoraError(
+                f"{source.display!r} on the hub has no safetensors weights; pass --allow-pickle "
+                "(recipe: model.allow_pickle: true) to load its pickled weights with torch.load(weights_only=True)"
+            )
+    return NoraError(f"cannot load model {source.display!r}: {first}")
+
+
+def model_skeleton(source: ModelSource, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The architecture from config.json on the meta device: module names and shapes, no weights, no memory.
+
+    Lets `nora train` check target modules and rank (and reach the hub, or not) before the real load."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(source.name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise load_error(err, source) from err
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def linear_layers(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """Qualified name -> (in_features, out_features) of every Linear-like layer LoRA can wrap."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            shapes[name] = (module.in_features, module.out_features)
+        elif isinstance(module, Conv1D):  # GPT-2 style: weight is (in, out)
+            shapes[name] = (module.weight.shape[0], module.nf)
+    return shapes
 
 
 def load_causal_lm(
@@ -140,12 +217,17 @@ def load_causal_lm(
     quantization: Quantization | None = None,
     trust_remote_code: bool = False,
     device_map: str | dict | None = None,
+    allow_pickle: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer). 4/8-bit goes through bitsandbytes; nothing else is quantized."""
+    """Load (model, tokenizer). 4/8-bit goes through bitsandbytes; nothing else is quantized.
+
+    Only safetensors load unless `allow_pickle` (then transformers' torch.load uses weights_only=True)."""
     from transformers import AutoModelForCausalLM
 
     src = source if isinstance(source, ModelSource) else resolve_source(source, gguf_file)
+    check_weight_format(src, allow_pickle)
     kwargs: dict = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    kwargs.update({"use_safetensors": None, "weights_only": True} if allow_pickle else {"use_safetensors": True})
     if quantization is not None:
         from transformers import BitsAndBytesConfig
 
@@ -165,5 +247,8 @@ def load_causal_lm(
     try:
         model = AutoModelForCausalLM.from_pretrained(src.name_or_path, **kwargs)
     except OSError as err:
-        raise NoraError(f"cannot load model {src.display!r}: {str(err).splitlines()[0]}") from err
+        raise load_error(err, src) from err
+    except pickle.UnpicklingError:  # weights_only=True met something other than tensors: never run it
+        raise NoraError(f"refusing to unpickle the weights of {src.display!r}: they hold objects other than "
+                        "tensors and plain data (possibly malicious)") from None
     return model, load_tokenizer(src, trust_remote_code)

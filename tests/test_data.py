@@ -411,3 +411,13 @@ def test_arc_easy_with_smollm2(shared, tok):
     batch = collate(train[:8], pad_token_id=tok.pad_token_id, pad_to_multiple_of=8)
     assert batch["input_ids"].shape[1] % 8 == 0 and int(batch["num_tokens"]) == sum(
         sum(1 for t in f["labels"][1:] if t != -100) for f in train[:8])
+
+
+def test_sst2_format_matches_the_fewshot_prompt() -> None:
+    from nora_cli.data.text import normalize_records
+    from nora_cli.errors import NoraError
+
+    examples = normalize_records([{"sentence": "a gripping film ", "label": 1}, {"sentence": "dull", "label": 0}], "sst2")
+    assert [e.output for e in examples] == ["a gripping film It was great", "dull It was terrible"]
+    with pytest.raises(NoraError, match="sst2 label"):
+        normalize_records([{"sentence": "x", "label": 7}], "sst2")

@@ -22,19 +22,24 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in the output dir.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in the output dir.")] = False,
     num_processes: Annotated[
-        int | None, typer.Option("--num-processes", help="Launch N data-parallel processes (GPUs, or CPU gloo).")
+        str | None,
+        typer.Option("--num-processes", help="Launch N data-parallel processes (GPUs, or CPU gloo); "
+                     "'all': one per visible GPU."),
     ] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Also load pickled .bin/.pt base weights (weights_only=True).")
+    ] = False,
 ) -> None:
     from nora_cli.recipe import load_recipe
+    from nora_cli.train import check_output_dir
 
     overrides = list(set_ or [])
+    if allow_pickle:
+        overrides.append("model.allow_pickle=true")
     rec = load_recipe(recipe, overrides)
-    if resume and overwrite:
-        raise NoraError("--resume and --overwrite exclude each other")
     out = output_dir or Path(rec.output.dir)
-    nproc = num_processes if num_processes is not None else rec.train.num_processes
-    if nproc < 1:
-        raise NoraError(f"--num-processes must be ≥ 1, got {nproc}")
+    check_output_dir(out, resume=resume, overwrite=overwrite)  # before spawning processes or loading anything
+    nproc = _process_count(num_processes) if num_processes is not None else rec.train.num_processes
     if nproc > 1 and "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
         raise SystemExit(_launch(nproc, recipe, overrides, out, resume, overwrite))
 
@@ -51,15 +56,37 @@ def train(
         print(f"done: {summary['steps']} steps, final loss {loss:.4f} → {out}" if loss is not None else f"done → {out}")
 
 
+def _process_count(value: str) -> int:
+    if value == "all":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise NoraError("--num-processes all needs CUDA GPUs (none visible); pass a number instead")
+        return torch.cuda.device_count()
+    try:
+        count = int(value)
+    except ValueError:
+        raise NoraError(f"--num-processes expects a number or 'all', got {value!r}") from None
+    if count < 1:
+        raise NoraError(f"--num-processes must be ≥ 1, got {count}")
+    return count
+
+
 def _launch(nproc: int, recipe: str, overrides: list[str], out: Path, resume: bool, overwrite: bool) -> int:
     """Re-run ourselves under `accelerate launch` with N processes.
 
     On CPU, accelerate's `--cpu` starts only one process and plain `--multi_gpu` starts
     unsynchronized ones; `ACCELERATE_USE_CPU=1` + `--multi_gpu` gives real gloo DDP.
+    accelerate reads its config only from $HF_HOME/accelerate/; the Docker image mounts the HF cache
+    there, so it points $NORA_ACCELERATE_CONFIG at its own file instead.
     """
     import torch
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), "--multi_gpu",
+    config = os.environ.get("NORA_ACCELERATE_CONFIG")
+    if config and not Path(config).is_file():
+        raise NoraError(f"NORA_ACCELERATE_CONFIG={config} does not exist")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *(["--config_file", config] if config else []),
+           "--num_processes", str(nproc), "--multi_gpu",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", os.environ.get("NORA_MAIN_PORT", "29517"), "-m", "nora_cli"]
     if os.environ.get("NORA_DEBUG") == "1":

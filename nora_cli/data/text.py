@@ -95,12 +95,26 @@ def _chat(record: dict) -> Example:
     return Example(messages=tuple(turns))
 
 
+#: SST-2 label words (MeZO/LM-BFF prompt "<sentence> It was <word>"), shared with the few-shot evaluation
+SST2_LABEL_WORDS = ("terrible", "great")
+
+
+def _sst2(record: dict) -> Example:
+    """GLUE SST-2 `{sentence, label}` as the plain text "<sentence> It was <word>" (use template none)."""
+    label = _get(record, "label")
+    words = {"0": SST2_LABEL_WORDS[0], "1": SST2_LABEL_WORDS[1], **{w: w for w in SST2_LABEL_WORDS}}
+    if label not in words:
+        raise NoraError(f"sst2 label must be 0/1 or {'/'.join(SST2_LABEL_WORDS)}, got {label!r}")
+    return Example(output=f"{_get(record, 'sentence').strip()} It was {words[label]}")
+
+
 #: format name -> record normalizer
 FORMATS: dict[str, Callable[[dict], Example]] = {
     "alpaca": _alpaca,
     "gsm8k": _gsm8k,
     "text": _text,
     "chat": _chat,
+    "sst2": _sst2,
 }
 
 

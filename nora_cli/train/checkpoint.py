@@ -1,8 +1,9 @@
 """Atomic checkpoints: written into a temp dir, fsynced, then renamed into place.
 
-A crash mid-write leaves only a `.tmp-*` directory, which `latest()` never picks up.
-A checkpoint holds just the trainable (LoRA) parameters plus optimizer, scheduler,
-preconditioner, RNG and step; the frozen base is rebuilt deterministically on resume.
+A crash mid-write leaves only a `.tmp-*` directory, which `latest()` never picks up (and
+`clean_stale` removes on resume). A checkpoint holds just the trainable (LoRA) parameters plus
+optimizer, scheduler, preconditioner, RNG and step; the frozen base is rebuilt deterministically
+on resume. Everything loads with `torch.load(weights_only=True)`: a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import json
 import os
 import random
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from nora_cli.errors import NoraError
 
 CKPT_DIR = "checkpoints"
 
@@ -74,7 +78,8 @@ def final_artifacts(out_dir: Path, write: Callable[[Path], None]) -> dict[str, P
     try:
         write(tmp)
         _fsync_tree(tmp)
-        for entry in sorted(tmp.iterdir()):
+        # adapter_config.json goes last: until it is in place, a half-moved adapter is not loadable as one
+        for entry in sorted(tmp.iterdir(), key=lambda e: (e.name == "adapter_config.json", e.name)):
             dest = out_dir / entry.name
             if dest.is_dir() and entry.is_dir():
                 shutil.rmtree(dest)
@@ -98,6 +103,46 @@ def latest(out_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+#: name prefixes of the staging/aside entries the atomic writers leave behind when killed
+_STALE_PREFIXES = (".tmp-", ".old-", ".del-")
+
+
+def clean_stale(out_dir: Path) -> list[Path]:
+    """Remove what a killed run left half-written (only ever nora's own dot-prefixed staging entries)."""
+    removed = []
+    for folder in (out_dir, out_dir / CKPT_DIR):
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            if entry.name.startswith(_STALE_PREFIXES):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
+def rewind_metrics(out_dir: Path) -> None:
+    """Drop metrics rows past the newest checkpoint: a resumed run redoes those steps and logs them again.
+
+    After a SIGKILL between checkpoints the log is ahead of the checkpoint; without this, resumed steps
+    would appear twice. A torn last line (killed mid-write) is dropped too."""
+    path, last = out_dir / "metrics.jsonl", latest(out_dir)
+    if last is None or not path.is_file():
+        return
+    step = json.loads((last / "state.json").read_text())["step"]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", float("inf")) <= step:
+            keep.append(line + "\n")
+    atomic_write(path, "".join(keep).encode())
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -109,7 +154,9 @@ def _rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        # as a tensor, so the file loads with weights_only=True (no numpy pickles)
+        state["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]
     except ImportError:
         pass
     return state
@@ -123,7 +170,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def save(
@@ -145,6 +193,8 @@ def save(
     accelerator.wait_for_everyone()
     if main:
         save_file(trainable_state(model), str(staging / "trainable.safetensors"))
+        if os.environ.get("NORA_FAULT_KILL_IN_CHECKPOINT") == str(step):  # crash mid-write, for atomicity tests
+            os.kill(os.getpid(), signal.SIGKILL)
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         if precond is not None:
@@ -154,14 +204,32 @@ def save(
         state = {"step": step, "best_val": best_val if best_val != float("inf") else None}
         (staging / "state.json").write_text(json.dumps(state))  # written last: marks completeness
         _fsync_tree(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        if target.exists():  # re-saving a step: move the old copy aside first, never delete it in place
+            aside = root / f".old-{target.name}"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(target, aside)
+            os.replace(staging, target)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(staging, target)
         if keep_last:
             for old in _step_dirs(out_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                doomed = old.with_name(f".del-{old.name}")  # renamed first: a torn delete is never "latest"
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
     accelerator.wait_for_everyone()
     return target
+
+
+def _load_pt(path: Path) -> Any:
+    """torch.load restricted to tensors and plain containers: a tampered checkpoint cannot run code."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
+        raise NoraError(f"refusing to load {path}: it holds more than tensors and plain data ({first[:120]})") from None
 
 
 def load(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, precond: Any, accelerator: Any) -> dict:
@@ -171,21 +239,19 @@ def load(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, pre
     saved = load_file(str(path / "trainable.safetensors"))
     missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
     if missing:
-        from nora_cli.errors import NoraError
-
         raise NoraError(f"checkpoint {path} does not match the model (missing {missing[0]}); was the recipe changed?")
     with torch.no_grad():
         for name, value in saved.items():
             params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    optimizer.load_state_dict(_load_pt(path / "optimizer.pt"))
+    scheduler.load_state_dict(_load_pt(path / "scheduler.pt"))
     if precond is not None and (path / "preconditioner.pt").is_file():
-        precond.load_state_dict(torch.load(path / "preconditioner.pt", weights_only=False))
+        precond.load_state_dict(_load_pt(path / "preconditioner.pt"))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
-        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
+        accelerator.scaler.load_state_dict(_load_pt(path / "scaler.pt"))
     rng = path / f"rng-{accelerator.process_index}.pt"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(_load_pt(rng))
     state = json.loads((path / "state.json").read_text())
     if state.get("best_val") is None:
         state["best_val"] = float("inf")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nora_cli.errors import NoraError
 from nora_cli.train.job import Job, LossOutput
 
 
@@ -69,7 +70,7 @@ def build_lm_job(recipe: Any, device: torch.device, out_dir: Path) -> Job:
     device_map = {"": device} if mcfg.quantization else None
     model, tokenizer = load_causal_lm(
         source, dtype=mcfg.dtype, quantization=mcfg.quantization, trust_remote_code=mcfg.trust_remote_code,
-        device_map=device_map,
+        device_map=device_map, allow_pickle=mcfg.allow_pickle,
     )
     model.config.use_cache = False
     peft_model = build_peft_model(model, recipe)
@@ -83,6 +84,8 @@ def build_lm_job(recipe: Any, device: torch.device, out_dir: Path) -> Job:
         peft_model.to(device)
 
     records = load_records(dcfg.path, split=dcfg.split)
+    if not records:
+        raise NoraError(f"the dataset {dcfg.path} is empty")
     train, val = build_datasets(
         records, tokenizer, fmt=dcfg.format, template=dcfg.template, cutoff_len=dcfg.cutoff_len,
         train_on_inputs=dcfg.train_on_inputs, add_eos=dcfg.add_eos, val_set_size=dcfg.val_set_size,

@@ -178,29 +178,16 @@ def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool)
                 if p.grad is not None:
                     p.grad.mul_(scale)
 
-            # --- NoRA+ preconditioner, clip, step ------------------------------------------
+            # --- NoRA+ preconditioner, clip, step (a non-finite loss/gradient stops or skips) -------
+            loss = _fault_nan(step + 1, loss, trainable)
             if precond is not None:
                 precond.apply()
             grad_norm = _clip(trainable, tcfg.max_grad_norm)
-            if accelerator.scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm):
-                # fp16 overflow: GradScaler skips this update and lowers its scale; not an error.
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                continue
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                what = "loss" if not math.isfinite(loss) else "gradient norm"
-                if tcfg.nan_policy == "stop":
-                    raise NonFiniteLoss(
-                        f"non-finite {what} at step {step + 1} (loss={loss}, grad_norm={grad_norm}); "
-                        f"last good checkpoint: {ckpt.latest(out_dir) or 'none'}"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
-                log.warn(f"skipped step {step}: non-finite {what}")
-                continue
+            # fp16 overflow (finite loss, inf gradients) is routine: GradScaler skips that update itself.
+            overflow = accelerator.scaler is not None and math.isfinite(loss)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)) and not overflow:
+                _non_finite(step + 1, loss, grad_norm, tcfg.nan_policy, out_dir, log)  # raises under "stop"
+                optimizer.zero_grad(set_to_none=True)  # "skip": no gradients, so the step below changes nothing
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -241,7 +228,10 @@ def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool)
                                  best_val=best_val, keep_last=tcfg.keep_last)
                 if stop:
                     signum = flag.signum or signal.SIGTERM
-                    raise TrainingStopped(f"stopped by signal at step {step}; checkpoint: {path}", 128 + signum)
+                    raise TrainingStopped(
+                        f"stopped by {signal.Signals(signum).name} at step {step}/{sched.total_steps}; "
+                        f"checkpoint saved: {path} (continue with --resume)", 128 + signum,
+                    )
                 if os.environ.get("NORA_FAULT_KILL_AT_STEP") == str(step):  # crash injection for resume tests
                     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -287,6 +277,29 @@ def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
     if max_norm:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+def _fault_nan(step: int, loss: float, params: list[torch.nn.Parameter]) -> float:
+    """NORA_FAULT_NAN_AT_STEP=N poisons step N's loss and gradients (fault injection for the NaN tests)."""
+    if os.environ.get("NORA_FAULT_NAN_AT_STEP") != str(step):
+        return loss
+    for p in params:
+        if p.grad is not None:
+            p.grad.fill_(math.nan)
+    return math.nan
+
+
+def _non_finite(step: int, loss: float, grad_norm: float, policy: str, out_dir: Path, log: MetricsLog) -> None:
+    """nan_policy "stop": raise (exit 1) naming the step and the last good checkpoint; "skip": warn."""
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    if policy == "stop":
+        last = ckpt.latest(out_dir)
+        keep = f"last good checkpoint {last} is kept (continue with --resume)" if last else "no checkpoint yet"
+        raise NonFiniteLoss(
+            f"non-finite {what} at step {step} (loss={loss}, grad_norm={grad_norm}); {keep}; "
+            "set train.nan_policy=skip to skip such steps"
+        )
+    log.warn(f"skipped step {step}: non-finite {what} (loss={loss}, grad_norm={grad_norm}); weights unchanged")
 
 
 def _agree(flag: bool, accelerator: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 from collections.abc import Iterator
@@ -34,8 +35,9 @@ class MetricsLog:
         if "loss" in record:
             self.last_loss = record["loss"]
         if self.enabled:
+            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             with open(self.path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(json.dumps(clean, allow_nan=False) + "\n")  # strict JSON: NaN/inf become null
 
     def warn(self, message: str) -> None:
         if self.enabled:
@@ -51,8 +53,8 @@ class MetricsLog:
 
     def plot(self, path: Path) -> None:
         rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+        val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
         if not train:
             return
         import matplotlib

