@@ -282,7 +282,8 @@ class DreamBoothConfig(BaseModel):
                                      "(q_proj, k_proj, v_proj, out_proj).")
     validation_prompts: list[str] = Field([], description="Prompts sampled into out/validation/step_NNNN.png.")
     validation_steps: int | None = Field(None, gt=0, description="Sample validation images every N optimizer "
-                                         "steps (null: whenever the loop validates, i.e. train.eval_steps).")
+                                         "steps and at the last step (null: every train.eval_steps; neither: only "
+                                         "the last step).")
     num_validation_images: int = Field(4, gt=0, description="Images per validation prompt (one grid row).")
     validation_seed: int = Field(0, description="Seed for validation images, so every step shows the same noise.")
     validation_inference_steps: int = Field(25, gt=0, description="DPM-Solver++ denoising steps per validation "

@@ -101,6 +101,7 @@ class ImageRequest:
     lora_scale: float = 1.0  # multiplier on the adapter's update
     height: int | None = None  # pixels; None: the UNet's native size
     width: int | None = None
+    allow_pickle: bool = False  # also load pickled .bin base weights (torch.load(weights_only=True))
 
 
 @dataclass
@@ -150,7 +151,8 @@ def sample_images(req: ImageRequest) -> list[ImageRecord]:
     from nora_cli.diffusion.pipeline import load_pipeline
 
     device = _device()
-    pipe = load_pipeline(req.model, dtype="fp16" if device == "cuda" else "fp32", device=device)
+    pipe = load_pipeline(req.model, dtype="fp16" if device == "cuda" else "fp32", device=device,
+                         allow_pickle=req.allow_pickle)
     if req.scheduler is not None:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[req.scheduler]).from_config(pipe.scheduler.config)
     if req.adapter is not None:
@@ -197,6 +199,7 @@ class TextRequest:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0
+    allow_pickle: bool = False  # also load pickled .bin base weights (torch.load(weights_only=True))
 
 
 def sample_text(req: TextRequest) -> list[str]:
@@ -209,7 +212,8 @@ def sample_text(req: TextRequest) -> list[str]:
     from nora_cli.models import load_causal_lm
 
     device = _device()
-    model, tokenizer = load_causal_lm(req.model, dtype="bf16" if device == "cuda" else "fp32")
+    model, tokenizer = load_causal_lm(req.model, dtype="bf16" if device == "cuda" else "fp32",
+                                      allow_pickle=req.allow_pickle)
     meta: dict[str, Any] = {}
     if req.adapter is not None:
         from peft import PeftModel

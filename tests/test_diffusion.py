@@ -1,7 +1,10 @@
 """DreamBooth LoRA: images, Nyström init on the UNet, training through the shared loop, diffusers export.
 
 Everything runs on a tiny random-weight SD pipeline (64-px native, trained at 32 px) with the real
-CLIP tokenizer, and the 5 real dog photos from the shared folder.
+CLIP tokenizer, and the 5 real dog photos from the shared folder. One 50-step `nora train` run through
+the CLI is shared by the training, export and sampling tests. Torch runs single-threaded here: these
+models are so small that a second OpenMP thread only adds synchronization, which costs 10x on a
+loaded 2-core CI machine.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from nora_cli.diffusion.data import ImageFolder, ensure_class_images, load_image
-from nora_cli.diffusion.dreambooth import DreamBoothConfig, build_dreambooth_job
+from nora_cli.diffusion.dreambooth import DreamBoothConfig, build_dreambooth_job, validation_due
 from nora_cli.diffusion.export import DIFFUSERS_LORA_FILE, export_diffusers_lora, export_merged_pipeline
 from nora_cli.diffusion.pipeline import build_tiny_sd_pipeline
 from nora_cli.errors import NoraError
@@ -32,15 +35,27 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DreamBoothRecipe = Recipe  # the dreambooth section is part of the schema
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Any:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Path:
     return build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipe")
 
 
 def make_recipe(tiny_sd: Path, shared: Path, out: Path, **overrides: Any) -> DreamBoothRecipe:
+    return DreamBoothRecipe.model_validate(recipe_tree(tiny_sd, shared, out, **overrides))
+
+
+def recipe_tree(tiny_sd: Path, shared: Path, out: Path, **overrides: Any) -> dict[str, Any]:
     dreambooth = {"instance_data_dir": str(shared / "data/dreambooth/dog"), "instance_prompt": "a photo of sks dog",
                   "resolution": 32, **overrides.pop("dreambooth", {})}
-    tree = {
+    return {
         "task": "dreambooth", "method": "nora", "seed": 0,
         "model": {"source": str(tiny_sd)},
         "adapter": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": UNET_TARGETS, "sigma": 0.1},
@@ -50,7 +65,6 @@ def make_recipe(tiny_sd: Path, shared: Path, out: Path, **overrides: Any) -> Dre
         "dreambooth": dreambooth,
         **overrides,
     }
-    return DreamBoothRecipe.model_validate(tree)
 
 
 def unet_inputs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -218,6 +232,43 @@ def test_nystrom_init_reaches_the_unet_lora_layers(tiny_sd: Path, shared: Path, 
                                    rtol=0, atol=1e-6)  # A0 = 0: the UNet is unchanged at init
 
 
+def test_nystrom_b0_lies_in_the_column_space_of_w0(tiny_sd: Path, shared: Path, tmp_path: Path) -> None:
+    """B0 = (σ/s)·W0·Ω lies in col(W0) (paper eq. 5), checked with an SVD of each UNet layer's W0. Where W0 has
+    full row rank that is trivially true, so the test plants rank-2 weights in every self-attention to_q, and the
+    real cross-attention to_k/to_v (64x32) span only half of R^64."""
+    from nora_cli.diffusion.dreambooth import build_model
+    from nora_cli.diffusion.pipeline import load_sd_parts
+    from nora_cli.init import lora_layers
+
+    parts = load_sd_parts(str(tiny_sd))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, module in parts.unet.named_modules():
+            if name.endswith("attn1.to_q"):
+                out_f, in_f = module.weight.shape
+                module.weight.copy_(torch.randn(out_f, 2, generator=gen) @ torch.randn(2, in_f, generator=gen))
+    model = build_model(parts, make_recipe(tiny_sd, shared, tmp_path))
+    shapes: dict[str, set[tuple[int, int]]] = {}  # module kind -> {(rank of W0, rows of W0)}
+    layers = lora_layers(model.unet)
+    for name, layer in layers:
+        w0, b0 = layer.get_base_layer().weight.double(), layer.lora_B["default"].weight.detach().double()
+        u, s, _ = torch.linalg.svd(w0, full_matrices=False)
+        u = u[:, : int((s > 1e-6 * s[0]).sum())]  # orthonormal basis of col(W0)
+        assert b0.abs().max() > 0 and outside_fraction(u, b0) < 1e-5, name
+        if u.shape[1] < w0.shape[0]:  # a proper subspace: a random B would be far outside it
+            assert outside_fraction(u, torch.randn(b0.shape, generator=gen, dtype=torch.float64)) > 0.5
+        shapes.setdefault(name.split("transformer_blocks.0.")[-1], set()).add((u.shape[1], w0.shape[0]))
+    assert len(layers) == 32
+    full = {(64, 64)}
+    assert shapes == {"attn1.to_q": {(2, 64)}, "attn1.to_k": full, "attn1.to_v": full, "attn1.to_out.0": full,
+                      "attn2.to_q": full, "attn2.to_k": {(32, 64)}, "attn2.to_v": {(32, 64)}, "attn2.to_out.0": full}
+
+
+def outside_fraction(u: torch.Tensor, m: torch.Tensor) -> float:
+    """‖(I − UUᵀ)M‖_F / ‖M‖_F for orthonormal columns U."""
+    return float(torch.linalg.norm(m - u @ (u.T @ m)) / torch.linalg.norm(m))
+
+
 def test_prior_preservation_cached_latents_and_min_snr(tiny_sd: Path, shared: Path, tmp_path: Path) -> None:
     recipe = make_recipe(tiny_sd, shared, tmp_path, dreambooth={
         "with_prior_preservation": True, "class_prompt": "a photo of dog", "class_data_dir": str(tmp_path / "class"),
@@ -249,24 +300,55 @@ def test_prior_preservation_cached_latents_and_min_snr(tiny_sd: Path, shared: Pa
     assert job.model.min_snr_weights(t)[0] < 0.1 and job.model.min_snr_weights(t)[1] == 1.0
 
 
-# --- training through the shared loop, then export ---------------------------------------------------------
+# --- training through the CLI and the shared loop, then export ------------------------------------------
+
+TRAIN_STEPS, VALIDATION_STEPS = 50, 25
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_sd: Path, shared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from nora_cli.train import train_recipe
+    """`nora train dog.yaml`: 50 NoRA+ steps on all 5 photos per step (batch 5 averages 5 random timesteps,
+    so the logged loss is smooth enough to compare), UNet + text-encoder LoRA with alpha 8 != r 4, validation
+    grids every 25 steps. lr 2e-2: over seeds 0-4 mean(last 10 losses) / mean(first 10) was 0.89-0.93."""
+    from typer.testing import CliRunner
 
-    out = tmp_path_factory.mktemp("dreambooth") / "run"
-    recipe = make_recipe(tiny_sd, shared, out, method="nora+", train={
-        "max_steps": 8, "batch_size": 1, "micro_batch_size": 1, "lr_schedule": "constant", "eval_steps": 8,
-    }, dreambooth={"validation_prompts": ["a sks dog"], "num_validation_images": 2, "validation_inference_steps": 3,
-                   "train_text_encoder": True})
-    summary = train_recipe(recipe, out)
-    return {"out": out, "recipe": recipe, "model": summary["model"], "summary": summary}
+    from nora_cli.cli import app
+
+    root = tmp_path_factory.mktemp("dreambooth")
+    out = root / "run"
+    tree = recipe_tree(tiny_sd, shared, out, method="nora+", optimizer={"lr": 2e-2}, train={
+        "max_steps": TRAIN_STEPS, "batch_size": 5, "micro_batch_size": 5, "lr_schedule": "constant",
+    }, dreambooth={"validation_prompts": ["a sks dog"], "validation_steps": VALIDATION_STEPS,
+                   "num_validation_images": 2, "validation_inference_steps": 2, "train_text_encoder": True})
+    (root / "dog.yaml").write_text(yaml.safe_dump(tree))
+    result = CliRunner().invoke(app, ["train", str(root / "dog.yaml")])
+    assert result.exit_code == 0, result.output
+    return {"out": out, "recipe": DreamBoothRecipe.model_validate(tree), "stdout": result.stdout}
 
 
-def test_training_writes_the_dreambooth_layout(trained: dict[str, Any], tiny_sd: Path) -> None:
+@pytest.fixture(scope="module")
+def reloaded(trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The recipe's job (the step-0 model) with the PEFT adapters `nora train` saved loaded into it."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    job = build_dreambooth_job(trained["recipe"], torch.device("cpu"), tmp_path_factory.mktemp("reloaded"))
+    for component in ("unet", "text_encoder"):
+        saved = load_file(trained["out"] / component / "adapter_model.safetensors")
+        state = {key.removeprefix("base_model.model."): value for key, value in saved.items()}
+        result = set_peft_model_state_dict(getattr(job.model, component), state)
+        assert not result.unexpected_keys and not [k for k in result.missing_keys if "lora_" in k]
+    return job
+
+
+def logged_losses(out: Path) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_cli_training_writes_the_dreambooth_layout(trained: dict[str, Any], tiny_sd: Path) -> None:
     out = trained["out"]
+    assert f"done: {TRAIN_STEPS} steps" in trained["stdout"]
     meta = json.loads((out / "nora.json").read_text())
     assert meta["task"] == "dreambooth" and meta["method"] == "nora+"
     assert meta["base_model_resolved"] == str(tiny_sd) and meta["init"]["name"] == "nystrom"
@@ -276,25 +358,42 @@ def test_training_writes_the_dreambooth_layout(trained: dict[str, Any], tiny_sd:
     assert (out / "unet/adapter_model.safetensors").is_file() and (out / DIFFUSERS_LORA_FILE).is_file()
     text_config = json.loads((out / "text_encoder/adapter_config.json").read_text())
     assert sorted(text_config["target_modules"]) == ["k_proj", "out_proj", "q_proj", "v_proj"]
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-              if '"loss"' in line]
-    assert len(losses) == 8
-    with Image.open(out / "validation/step_0008.png") as grid:
-        assert grid.size == (64, 32)  # 1 prompt x 2 images of 32 px
+    assert (out / "recipe.yaml").is_file() and (out / "loss.png").is_file()
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step_0025.png", "step_0050.png"]
+    for name in ("step_0025.png", "step_0050.png"):
+        with Image.open(out / "validation" / name) as grid:
+            assert grid.size == (64, 32)  # 1 prompt x 2 images of 32 px
+    first, last = (np.asarray(Image.open(out / "validation" / name)) for name in ("step_0025.png", "step_0050.png"))
+    assert np.abs(first.astype(int) - last).max() > 0  # same seed, different weights: the LoRA keeps changing
 
 
-def test_training_reduces_the_loss_on_the_dog_images(trained: dict[str, Any], tmp_path: Path) -> None:
+def test_cli_training_lowers_the_logged_loss(trained: dict[str, Any]) -> None:
+    losses = logged_losses(trained["out"])
+    assert len(losses) == TRAIN_STEPS and all(np.isfinite(losses))
+    first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
+    assert last < 0.97 * first, (first, last)
+
+
+def test_validation_schedule() -> None:
+    assert [s for s in range(1, 51) if validation_due(s, VALIDATION_STEPS, 50)] == [25, 50]
+    assert [s for s in range(1, 11) if validation_due(s, 3, 10)] == [3, 6, 9, 10]  # the last step always
+    assert [s for s in range(1, 8) if validation_due(s, None, 7)] == [7]  # no interval: only the result
+
+
+def test_saved_adapter_reduces_the_loss_on_the_dog_images(trained: dict[str, Any], reloaded: Any,
+                                                          tmp_path: Path) -> None:
     initial = build_dreambooth_job(trained["recipe"], torch.device("cpu"), tmp_path)  # same seed: the step-0 model
     before = fixed_seed_loss(initial, initial.model)
-    after = fixed_seed_loss(initial, trained["model"])
-    assert after < before - 1e-3, (before, after)
+    after = fixed_seed_loss(initial, reloaded.model)
+    assert after < before - 1e-2, (before, after)
 
 
-def test_diffusers_lora_file_reproduces_the_trained_unet(trained: dict[str, Any], tiny_sd: Path) -> None:
+def test_diffusers_lora_file_reproduces_the_trained_unet(trained: dict[str, Any], reloaded: Any,
+                                                         tiny_sd: Path) -> None:
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from peft import PeftModel
 
-    model = trained["model"].eval()
+    model = reloaded.model.eval()
     ids = torch.tensor([[49406, 320, 1125, 539, 320, 1929, 49407]])  # "a photo of a dog"
     with torch.no_grad():
         reference, text_reference = model.unet(*unet_inputs()).sample, model.text_encoder(ids)[0]
@@ -305,8 +404,10 @@ def test_diffusers_lora_file_reproduces_the_trained_unet(trained: dict[str, Any]
         peft_unet = PeftModel.from_pretrained(UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"),
                                               trained["out"] / "unet").eval()
         from_peft = peft_unet(*unet_inputs()).sample
-    assert (reference - base).abs().max() > 1e-3  # the adapter matters, so the check below has teeth
-    assert (loaded - reference).abs().max() < 1e-5  # alpha/r = 2 folded into lora_B: full strength
+    change = (reference - base).abs().max()
+    assert change > 1e-3  # the adapter matters, so the checks below have teeth
+    # alpha/r = 2 folded into lora_B: full strength (an unfolded file would be off by change/2)
+    assert (loaded - reference).abs().max() < 1e-3 * change
     assert (text_reference - text_base).abs().max() > 1e-3
     assert (text_loaded - text_reference).abs().max() < 1e-5  # text-encoder LoRA too
     assert (from_peft - reference).abs().max() < 1e-5
@@ -318,24 +419,46 @@ def test_diffusers_lora_file_reproduces_the_trained_unet(trained: dict[str, Any]
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_merged_pipeline_matches_base_plus_lora(trained: dict[str, Any], tiny_sd: Path, tmp_path: Path) -> None:
+def test_nora_sample_and_merged_pipeline_match_plain_diffusers(trained: dict[str, Any], reloaded: Any,
+                                                               tiny_sd: Path, tmp_path: Path) -> None:
+    """Same seed, steps, guidance and (the pipeline's own PNDM) scheduler: `nora sample`, plain diffusers
+    `load_lora_weights(out)`, the fused pipeline and the trained PEFT modules (which apply alpha/r = 2 themselves)
+    give the same picture, within 1/255; half the LoRA strength is far off, so the strength is right."""
     from diffusers import StableDiffusionPipeline
+    from typer.testing import CliRunner
+
+    from nora_cli.cli import app
 
     merged_dir = export_merged_pipeline(trained["out"], tmp_path / "merged")
     assert (merged_dir / "model_index.json").is_file()
 
     def image(pipe: Any) -> np.ndarray:
         pipe.set_progress_bar_config(disable=True)
-        return pipe("a sks dog", num_inference_steps=3, height=32, width=32, output_type="np",
+        return pipe("a sks dog", num_inference_steps=3, guidance_scale=7.5, height=32, width=32, output_type="np",
                     generator=torch.Generator().manual_seed(0)).images[0]
 
     base = StableDiffusionPipeline.from_pretrained(tiny_sd)
     plain = image(base)
     base.load_lora_weights(trained["out"])
     with_lora = image(base)
+    half = base("a sks dog", num_inference_steps=3, guidance_scale=7.5, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0), cross_attention_kwargs={"scale": 0.5}).images[0]
     merged = image(StableDiffusionPipeline.from_pretrained(merged_dir))
-    assert np.abs(with_lora - plain).max() > 1e-3
+    peft = image(StableDiffusionPipeline.from_pretrained(tiny_sd, unet=reloaded.model.unet.eval(),
+                                                         text_encoder=reloaded.model.text_encoder.eval()))
+    assert np.abs(with_lora - plain).max() > 20 / 255  # the trained LoRA changes the picture
+    assert np.abs(with_lora - half).max() > 10 / 255  # so a wrong strength would show
+    assert np.abs(peft - with_lora).max() <= 1 / 255
     assert np.abs(merged - with_lora).max() < 1e-4  # fused W0 + s·B·A vs. unfused: fp32 rounding only
+
+    result = CliRunner().invoke(app, [
+        "sample", "--adapter", str(trained["out"]), "--prompt", "a sks dog", "--num-images", "1", "--seed", "0",
+        "--steps", "3", "--guidance", "7.5", "--height", "32", "--width", "32", "--out", str(tmp_path / "cli"),
+    ])
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "cli/000.png") as png:
+        sampled = np.asarray(png.convert("RGB"), dtype=np.float64) / 255
+    assert np.abs(sampled - with_lora).max() <= 1 / 255 + 1e-9
 
 
 # --- the shipped recipe -------------------------------------------------------------------------------------

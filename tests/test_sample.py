@@ -1,4 +1,8 @@
-"""`nora sample`: reproducible images from a DreamBooth adapter, text from SmolLM2 (+ adapter), exit codes."""
+"""`nora sample`: reproducible images from a DreamBooth adapter, text from SmolLM2 (+ adapter), exit codes.
+
+Torch runs single-threaded here: for models this small a second OpenMP thread only adds synchronization,
+which costs up to 10x on a loaded 2-core CI machine.
+"""
 
 from __future__ import annotations
 
@@ -24,18 +28,27 @@ IMAGE_ARGS = ["--prompt", "a sks dog", "--steps", "3", "--height", "32", "--widt
 DreamBoothRecipe = Recipe  # the dreambooth section is part of the schema
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Any:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Path:
     return build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipe")
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_sd: Path, shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A DreamBooth adapter as `nora train` leaves it, with random A so the LoRA visibly changes images."""
+def trained(tiny_sd: Path, shared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """A DreamBooth adapter as `nora train` leaves it (alpha 8 != r 4), with random A so the LoRA visibly changes
+    images, and the in-memory model it was saved from."""
     out = tmp_path_factory.mktemp("adapter")
     recipe = DreamBoothRecipe.model_validate({
         "task": "dreambooth", "method": "nora", "model": {"source": str(tiny_sd)},
-        "adapter": {"r": 4, "alpha": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "sigma": 1.0},
+        "adapter": {"r": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "sigma": 1.0},
         "dreambooth": {"instance_data_dir": str(shared / "data/dreambooth/dog"),
                        "instance_prompt": "a photo of sks dog", "resolution": 32},
     })
@@ -47,7 +60,19 @@ def adapter(tiny_sd: Path, shared: Path, tmp_path_factory: pytest.TempPathFactor
                 param.normal_(std=1.0)
     job.save_final(job.model, out)
     (out / "nora.json").write_text(json.dumps({"task": "dreambooth", "base_model": str(tiny_sd), **job.meta}))
-    return out
+    return out, job.model.eval()
+
+
+@pytest.fixture(scope="module")
+def adapter(trained: tuple[Path, Any]) -> Path:
+    return trained[0]
+
+
+@pytest.fixture(scope="module")
+def sampled(adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`nora sample --num-images 2 --seed 7` with the adapter: images 000 (seed 7) and 001 (seed 8)."""
+    return run_sample(tmp_path_factory.mktemp("first"), "--adapter", str(adapter), "--num-images", "2",
+                      "--seed", "7")
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -62,9 +87,10 @@ def run_sample(out: Path, *args: str) -> Path:
     return out
 
 
-def test_images_are_written_reproducible_and_scaled(adapter: Path, tiny_sd: Path, tmp_path: Path) -> None:
-    first, second = (run_sample(tmp_path / name, "--adapter", str(adapter), "--num-images", "2", "--seed", "7")
-                     for name in ("first", "second"))
+def test_images_are_written_reproducible_and_scaled(sampled: Path, adapter: Path, tiny_sd: Path,
+                                                    tmp_path: Path) -> None:
+    first = sampled
+    second = run_sample(tmp_path / "second", "--adapter", str(adapter), "--num-images", "2", "--seed", "7")
     assert sorted(p.name for p in first.iterdir()) == ["000.png", "001.png", "grid.png", "samples.json"]
     records = json.loads((first / "samples.json").read_text())
     assert [(r["file"], r["seed"], r["prompt"], r["steps"]) for r in records] == [
@@ -82,6 +108,48 @@ def test_images_are_written_reproducible_and_scaled(adapter: Path, tiny_sd: Path
                      "--seed", "7")
     assert np.array_equal(pixels(off / "000.png"), base)  # scale 0: exactly the base model
     assert np.abs(pixels(first / "000.png") - base).max() > 10  # scale 1: the adapter changes the picture
+
+
+def test_images_match_plain_diffusers_and_the_trained_model(sampled: Path, trained: tuple[Path, Any],
+                                                            tiny_sd: Path) -> None:
+    """Plain diffusers `load_lora_weights(adapter)` with the same seeds, steps, guidance and scheduler draws the
+    same pixels as `nora sample` (within 1/255), and so does the in-memory PEFT model the adapter was saved from,
+    which applies alpha/r = 2 itself: the saved file has the trained strength."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    adapter, model = trained
+
+    def draw(pipe: Any, **kwargs: Any) -> np.ndarray:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(["a sks dog"] * 2, num_inference_steps=3, guidance_scale=7.5, height=32, width=32,
+                      generator=[torch.Generator().manual_seed(s) for s in (7, 8)], output_type="np",
+                      **kwargs).images
+        return np.round(images * 255)
+
+    cli = np.stack([pixels(sampled / name) for name in ("000.png", "001.png")])
+    plain = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    plain.load_lora_weights(adapter)  # no nora code, default adapter name and weight
+    assert np.abs(draw(plain) - cli).max() <= 1
+    assert np.abs(draw(plain, cross_attention_kwargs={"scale": 0.5}) - cli).max() > 10  # strength matters
+    in_memory = StableDiffusionPipeline.from_pretrained(tiny_sd, unet=model.unet)
+    assert np.abs(draw(in_memory) - cli).max() <= 1
+
+
+def test_allow_pickle_opts_in_to_pickled_base_weights(tiny_sd: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.from_pretrained(tiny_sd).save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    unet_files = [f.name for f in (tmp_path / "pickled/unet").iterdir()]  # (transformers 5 always writes safetensors)
+    assert "diffusion_pytorch_model.bin" in unet_files and not [f for f in unet_files if f.endswith(".safetensors")]
+    refused = runner.invoke(app, ["sample", "--model", str(tmp_path / "pickled"), *IMAGE_ARGS,
+                                  "--out", str(tmp_path / "refused")])
+    assert refused.exit_code == 2 and "--allow-pickle" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+    args = ("--num-images", "1", "--seed", "3")
+    pickled = run_sample(tmp_path / "from-pickle", "--model", str(tmp_path / "pickled"), "--allow-pickle", *args)
+    safe = run_sample(tmp_path / "from-safetensors", "--model", str(tiny_sd), *args)
+    assert np.array_equal(pixels(pickled / "000.png"), pixels(safe / "000.png"))
 
 
 def test_bad_inputs_exit_2(adapter: Path, tmp_path: Path) -> None:

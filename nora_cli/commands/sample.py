@@ -43,6 +43,8 @@ def sample(
     top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass (default: 1.0).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Tokens to generate per prompt "
                                                        "(default: 256).")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Also load pickled .bin base weights "
+                                               "(weights_only=True).")] = False,
 ) -> None:
     given = {"--num-images": num_images, "--steps": steps, "--guidance": guidance, "--negative-prompt": negative_prompt,
              "--scheduler": scheduler, "--lora-scale": lora_scale, "--height": height, "--width": width, "--out": out,
@@ -62,7 +64,7 @@ def sample(
                 num_images=num_images or 4, seed=seed, steps=steps or 30,
                 guidance=7.5 if guidance is None else guidance, negative_prompt=negative_prompt,
                 scheduler=scheduler, lora_scale=1.0 if lora_scale is None else lora_scale,
-                height=height, width=width,
+                height=height, width=width, allow_pickle=allow_pickle,
             )
             for record in lib.sample_images(request):
                 print(request.out_dir / record.file)
@@ -72,7 +74,7 @@ def sample(
             lib.sample_text(lib.TextRequest(
                 model=base, adapter=adapter, prompts=prompts, template=template,
                 max_new_tokens=max_new_tokens or 256, temperature=temperature or 0.0,
-                top_p=1.0 if top_p is None else top_p, seed=seed,
+                top_p=1.0 if top_p is None else top_p, seed=seed, allow_pickle=allow_pickle,
             ))
     except NoraError as err:  # also under CliRunner, which bypasses cli.main's error table
         print(f"error: {err}", file=sys.stderr)

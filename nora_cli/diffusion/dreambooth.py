@@ -216,11 +216,19 @@ def generate_class_images(parts: SDParts, cfg: DreamBoothConfig) -> int:
     return ensure_class_images(cfg.class_data_dir, cfg.num_class_images, generate)
 
 
-def validation_hook(parts: SDParts, cfg: DreamBoothConfig) -> Any:
-    """`on_validate(model, step, out_dir)`: one grid (row per prompt) in out_dir/validation/step_NNNN.png."""
+def validation_due(step: int, every: int | None, last: int) -> bool:
+    """Sample at every `every`-th optimizer step and always at the last one (the result users look at)."""
+    return step == last or (every is not None and step % every == 0)
+
+
+def validation_hook(parts: SDParts, cfg: DreamBoothConfig, every: int | None, last: int) -> Any:
+    """`on_validate(model, step, out_dir)`: one grid (row per prompt) in out_dir/validation/step_NNNN.png.
+
+    The hook keeps its own schedule (`every` = dreambooth.validation_steps, else train.eval_steps), so the
+    loop may call it after any step; a call at a step that is not due does nothing."""
 
     def on_validate(model: nn.Module, step: int, out_dir: Path) -> Path | None:
-        if cfg.validation_steps and step % cfg.validation_steps:
+        if not validation_due(step, every, last):
             return None
         path = Path(out_dir) / "validation" / f"step_{step:04d}.png"
         sample_validation_grid(model, parts, cfg).save(_mkparent(path))
@@ -256,6 +264,15 @@ def sample_validation_grid(model: nn.Module, parts: SDParts, cfg: DreamBoothConf
 
 
 # --- the job ------------------------------------------------------------------------------------------------
+
+
+def _validation(parts: SDParts, recipe: Any, n_examples: int) -> Any:
+    from nora_cli.train.loop import plan_schedule
+
+    last = plan_schedule(n_examples, recipe.train, 1).total_steps  # the step count does not depend on processes
+    every = recipe.dreambooth.validation_steps or recipe.train.eval_steps
+    return validation_hook(parts, recipe.dreambooth, every, last)
+
 
 
 def build_dreambooth_job(recipe: Any, device: Any, out_dir: Path | None = None) -> Job:
@@ -294,7 +311,7 @@ def build_dreambooth_job(recipe: Any, device: Any, out_dir: Path | None = None) 
         collate=collate,
         loss=dreambooth_loss,
         save_final=save_final,
-        on_validate=validation_hook(parts, cfg) if cfg.validation_prompts else None,
+        on_validate=_validation(parts, recipe, len(examples)) if cfg.validation_prompts else None,
         meta={
             "base_model": recipe.model.source,
             "base_model_resolved": base,

@@ -75,6 +75,17 @@ def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype" if Version(diffusers.__version__) >= Version("0.42.0.dev0") else "torch_dtype": dtype}
 
 
+def load_error(src: ModelSource, err: Exception, allow_pickle: bool) -> NoraError:
+    """One line; a pipeline that only ships pickled weights gets told how to opt in."""
+    first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+    hint = ""
+    if not allow_pickle and "safetensors" in first:
+        hint = ("; if it ships only pickled (.bin) weights, which can run code when loaded, convert them to "
+                "safetensors or pass --allow-pickle (recipe: model.allow_pickle: true) to load them with "
+                "torch.load(weights_only=True)")
+    return NoraError(f"cannot load Stable Diffusion pipeline {src.display!r}: {first}{hint}")
+
+
 def load_sd_parts(source: str, dtype: str = "fp32", device: str | torch.device = "cpu",
                   allow_pickle: bool = False) -> SDParts:
     """Load UNet, VAE, text encoder, tokenizer and the DDPM training scheduler of an SD 1.x pipeline.
@@ -95,7 +106,7 @@ def load_sd_parts(source: str, dtype: str = "fp32", device: str | torch.device =
                                                     **safe)
         noise_scheduler = DDPMScheduler.from_pretrained(src.name_or_path, subfolder="scheduler")
     except (OSError, ValueError) as err:
-        raise NoraError(f"cannot load Stable Diffusion pipeline {src.display!r}: {str(err).splitlines()[0]}") from err
+        raise load_error(src, err, allow_pickle) from err
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
         module.to(device)
@@ -114,7 +125,7 @@ def load_pipeline(source: str, dtype: str = "fp32", device: str | torch.device =
         pipe = StableDiffusionPipeline.from_pretrained(src.name_or_path, **dtype_kwarg(torch_dtype(dtype)),
                                                        use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError) as err:
-        raise NoraError(f"cannot load Stable Diffusion pipeline {src.display!r}: {str(err).splitlines()[0]}") from err
+        raise load_error(src, err, allow_pickle) from err
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

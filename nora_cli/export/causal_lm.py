@@ -143,7 +143,7 @@ def _load_merge(job: ExportJob, staging: Path, adapter: Adapter, base: Base, not
 
     try:
         stored = getattr(AutoConfig.from_pretrained(base.name_or_path), "dtype", None) or torch.float32
-        model = AutoModelForCausalLM.from_pretrained(base.name_or_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base.name_or_path, dtype=torch.float32)  # .bin bases: transformers loads them with weights_only=True
     except OSError as err:
         raise NoraError(f"cannot load base model {base.display!r}: {str(err).splitlines()[0]}") from None
     stored = getattr(torch, stored) if isinstance(stored, str) else stored

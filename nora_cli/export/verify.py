@@ -71,7 +71,7 @@ def _load(name_or_path: str | Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, use_safetensors=True).to(device).eval()
 
 
 def verify_merge(

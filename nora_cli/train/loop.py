@@ -218,8 +218,8 @@ def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool)
                         best_val = val
                         if main:
                             ckpt.atomic_dir(out_dir / "best", lambda d: job.save_final(raw_model, d))
-                if job.on_validate is not None and main:
-                    job.on_validate(raw_model, step, out_dir)
+            if job.on_validate is not None and main:  # the hook keeps its own schedule (e.g. validation images)
+                job.on_validate(raw_model, step, out_dir)
 
             # --- checkpoint / stop -------------------------------------------------------------
             stop = _agree(flag.signum is not None, accelerator)
