@@ -7,6 +7,7 @@ so `nora --help` stays fast. This is the only module that imports Typer's app ob
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Annotated
@@ -58,6 +59,9 @@ def _root(
 def main() -> None:
     """Run the app; user errors become one stderr line and exit code 2 (tracebacks only with --debug)."""
     debug = "--debug" in sys.argv or os.environ.get("NORA_DEBUG") == "1"
+    # bitsandbytes' CPU backend warns on import that an optional hub-downloaded kernel is absent; we never
+    # want that kernel (it would fetch from the hub), so keep the warning out of every command's output.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         rc = app(standalone_mode=False)  # click returns (not raises) typer.Exit codes in this mode
         if isinstance(rc, int) and rc:

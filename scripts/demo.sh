@@ -5,14 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 PATH="$PWD/.venv/bin:$PATH"
-OUT="${NORA_DEMO_OUT:-out/demo}"
+OUT="${NORA_DEMO_OUT:-out/demo}"  # NORA_DEMO_TRAIN_ARGS="--set train.max_steps=5" for a smoke run
 
-echo "== 1/5 evaluate the base model on the demo task"
-nora evaluate --model smollm2-135m --task demo --limit 100 --output "$OUT-eval/base.json"
+echo "== 1/5 evaluate the base model on the demo task (log-likelihood of each answer option)"
+nora evaluate --model smollm2-135m --task demo --protocol loglikelihood --limit 60 --output "$OUT-eval/base/results.json"
 echo "== 2/5 train a NoRA+ adapter (recipes/smollm2-135m-demo.yaml)"
-nora train smollm2-135m-demo --output-dir "$OUT" --overwrite
+nora train smollm2-135m-demo --output-dir "$OUT" --overwrite ${NORA_DEMO_TRAIN_ARGS:-}
 echo "== 3/5 evaluate base + adapter"
-nora evaluate --adapter "$OUT" --task demo --limit 100 --output "$OUT-eval/adapter.json"
+nora evaluate --adapter "$OUT" --task demo --protocol loglikelihood --limit 60 --output "$OUT-eval/adapter/results.json"
 echo "== 4/5 sample a few answers"
 nora sample --adapter "$OUT" --max-new-tokens 24 \
   --prompt $'Please choose the correct answer to the question: What is 17 + 25?\n\nAnswer1: 41 Answer2: 42 Answer3: 52\n\nAnswer format: answer1/answer2/answer3' \
@@ -23,6 +23,6 @@ python - "$OUT-eval" <<'PY'
 import json, sys
 from pathlib import Path
 d = Path(sys.argv[1])
-before, after = (json.loads((d / f).read_text())["tasks"]["demo"]["accuracy"] for f in ("base.json", "adapter.json"))
+before, after = (json.loads((d / f / "results.json").read_text())["tasks"]["demo"]["accuracy"] for f in ("base", "adapter"))
 print(f"demo accuracy: base {before:.1%} -> NoRA+ adapter {after:.1%}")
 PY
