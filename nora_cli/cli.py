@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from nora_cli import __version__
-from nora_cli.commands import evaluate, factorize, merge, recipes, sample, train
+from nora_cli.commands import evaluate, factorize, merge, recipes, sample, sweep, train
 from nora_cli.errors import NoraError
 
 app = typer.Typer(
@@ -35,6 +35,9 @@ app.command("sample", help="Generate images (diffusion adapter) or text (LM adap
 app.command("merge", help="Export an adapter: merged model, clean PEFT adapter, or diffusers LoRA.")(merge.merge)
 app.command("factorize", help="Matrix-factorization lab: GD/ScaledGD with small vs Nyström init.")(
     factorize.factorize
+)
+app.command("sweep", help="Train + evaluate every (method, seed) of a recipe; writes a Table-4-style summary.")(
+    sweep.sweep
 )
 app.add_typer(recipes.app, name="recipes", help="List, show and validate shipped recipes; print the schema.")
 

@@ -1,0 +1,502 @@
+"""`nora sweep`: train + evaluate every (method, seed) pair of a recipe, then tabulate like the paper's Table 4.
+
+One output tree, DIR/<method>/seed<k>/, each a normal `nora train` run directory plus the evaluation's
+results.json. Runs go sequentially in this process and evaluate the model still in memory (no reload).
+Re-running the same sweep skips finished runs, so an interrupted sweep resumes:
+
+- finished       = adapter_model.safetensors (+ results.json with the same tasks/protocol/limit when
+                   the sweep evaluates) exist in the run dir -> skipped;
+- trained only   = adapter present, results missing or stale -> reloaded from disk and evaluated;
+- half-finished  = anything else -> `train_recipe(resume=True)`: continues from its latest checkpoint,
+                   or starts again from step 0 when it has none.
+
+A run dir whose recipe.yaml differs from the one this sweep would train is an error, never a silent mix.
+The table is always rebuilt from the files on disk (metrics.jsonl, results.json), so it equals the runs'
+own metrics whichever process produced them.
+
+Method names: the recipe presets (lora, nora, lora-p, nora+), init-only variants of LoRA (gaussian, pissa,
+pissa_niter_K, olora = method lora with adapter.init replaced), each optionally followed by
+`@KEY=VALUE` knobs for that method alone, e.g. `nora@sigma=0.02@side=input` (short keys in SHORT_KEYS or
+any dotted recipe key).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nora_cli.errors import NoraError
+from nora_cli.recipe import METHOD_PRESETS, Recipe, load_recipe
+
+INIT_VARIANTS = ("gaussian", "pissa", "olora")  # + pissa_niter_K: method lora, adapter.init = the name
+_PISSA_NITER = re.compile(r"^pissa_niter_[1-9][0-9]*$")
+#: `@key=value` shorthands -> recipe keys; a key with a dot is taken as a recipe key as written
+SHORT_KEYS = {
+    "sigma": "adapter.sigma", "side": "adapter.side", "init": "adapter.init", "r": "adapter.r",
+    "alpha": "adapter.alpha", "lr": "optimizer.lr", "damping": "optimizer.damping",
+    "precondition": "optimizer.precondition", "normalize": "optimizer.normalize",
+}
+FINAL_FRACTION = 0.1  # final train loss = mean over the last 10% of logged train steps (at least one)
+ADAPTER_FILE = "adapter_model.safetensors"
+RESULTS_FILE = "results.json"
+
+
+# --- parsing -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One table row: the name as typed (also its directory) and the recipe overrides it stands for."""
+
+    name: str
+    method: str
+    preset: tuple[str, ...]  # method, init and preconditioner keys the name implies
+    knobs: tuple[str, ...] = ()  # its own @KEY=VALUE overrides, applied after the sweep's --set
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return self.preset + self.knobs
+
+    @property
+    def dirname(self) -> str:
+        return re.sub(r"[/\\\s]+", "_", self.name)
+
+
+def parse_variant(text: str) -> Variant:
+    """`nora`, `pissa`, `nora@sigma=0.02@side=input`, `lora@optimizer.lr=1e-3` -> a Variant."""
+    name = text.strip()
+    base, *knobs = name.split("@")
+    if base in METHOD_PRESETS:
+        method, init = base, METHOD_PRESETS[base].init
+    elif base in INIT_VARIANTS or _PISSA_NITER.match(base):
+        method, init = "lora", base
+    else:
+        known = ", ".join([*METHOD_PRESETS, *INIT_VARIANTS, "pissa_niter_K"])
+        raise NoraError(f"unknown method {base!r} in --methods; choose from {known} (optionally NAME@KEY=VALUE)")
+    preset = METHOD_PRESETS[method]
+    # The method name alone decides init and preconditioner, even if the recipe file pins them.
+    keys = (f"method={method}", f"adapter.init={init}", f"optimizer.precondition={preset.precondition}",
+            f"optimizer.normalize={str(preset.normalize).lower()}")
+    overrides = []
+    for knob in knobs:
+        key, sep, value = knob.partition("=")
+        if not sep or not key:
+            raise NoraError(f"bad method knob {knob!r} in {name!r}: expected KEY=VALUE, e.g. nora@sigma=0.02")
+        if "." not in key and key not in SHORT_KEYS:
+            raise NoraError(f"unknown knob {key!r} in {name!r}; use one of {', '.join(SHORT_KEYS)} or a dotted "
+                            "recipe key such as adapter.sigma")
+        overrides.append(f"{SHORT_KEYS.get(key, key)}={value}")
+    return Variant(name, method, keys, tuple(overrides))
+
+
+def parse_methods(spec: str | Sequence[str]) -> list[Variant]:
+    names = [n for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    if not names:
+        raise NoraError("--methods is empty; e.g. --methods lora,nora")
+    variants = [parse_variant(n) for n in names]
+    dirs = [v.dirname for v in variants]
+    if len(set(dirs)) != len(dirs):
+        raise NoraError(f"a method is listed twice in --methods: {', '.join(v.name for v in variants)}")
+    return variants
+
+
+def parse_seeds(spec: str | Sequence[int]) -> list[int]:
+    try:
+        seeds = [int(s) for s in spec.split(",") if s.strip()] if isinstance(spec, str) else [int(s) for s in spec]
+    except ValueError:
+        raise NoraError(f"--seeds {spec!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise NoraError(f"--seeds {spec!r}: needs distinct integers >= 0")
+    return seeds
+
+
+def parse_eval(spec: str | None) -> dict[str, str | None]:
+    """`arc-easy=PATH,boolq` -> {"arc-easy": PATH, "boolq": None} (None: the recipe's or default test file)."""
+    if not spec:
+        return {}
+    out: dict[str, str | None] = {}
+    for item in (i.strip() for i in spec.split(",")):
+        if item:
+            task, sep, path = item.partition("=")
+            if sep and not path.strip():
+                raise NoraError(f"--eval {item!r}: empty path; write TASK or TASK=PATH")
+            out[task.strip()] = str(Path(path.strip()).expanduser().resolve()) if sep else None
+    return out
+
+
+# --- the sweep -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalPlan:
+    """What every run is scored on; results.json files that disagree with it are stale."""
+
+    tasks: list[str]
+    protocol: str
+    limit: int | None
+    batch_size: int
+    data: dict[str, str] = field(default_factory=dict)
+    prepared: list[Any] = field(default_factory=list)  # PreparedTask, built once for all runs
+
+
+@dataclass
+class SweepSpec:
+    recipe: str
+    variants: list[Variant]
+    seeds: list[int]
+    output_dir: Path
+    overrides: tuple[str, ...] = ()
+    eval: EvalPlan | None = None
+
+    def run_dir(self, variant: Variant, seed: int) -> Path:
+        return self.output_dir / variant.dirname / f"seed{seed}"
+
+    def run_recipe(self, variant: Variant, seed: int) -> Recipe:
+        """Method preset, then the user's --set (all runs), then the variant's own knobs, seed and output dir."""
+        overrides = [*variant.preset, *self.overrides, *variant.knobs, f"seed={seed}",
+                     f"output.dir={self.run_dir(variant, seed)}"]
+        return load_recipe(self.recipe, overrides)
+
+
+def plan_sweep(
+    recipe: str, methods: str | Sequence[str], seeds: str | Sequence[int], *, overrides: Sequence[str] = (),
+    output_dir: str | Path | None = None, eval_tasks: dict[str, str | None] | None = None,
+    protocol: str | None = None, limit: int | None = None,
+) -> SweepSpec:
+    """Validate everything cheap (names, recipes of every run, eval data) before any training starts."""
+    variants, seed_list = parse_methods(methods), parse_seeds(seeds)
+    base = load_recipe(recipe, list(overrides))
+    out = Path(output_dir).expanduser().resolve() if output_dir else Path(f"{base.output.dir}-sweep")
+    spec = SweepSpec(recipe, variants, seed_list, out, tuple(overrides))
+    for v in variants:  # a bad knob fails now, not after hours of training
+        spec.run_recipe(v, seed_list[0])
+    if base.task != "causal-lm":
+        raise NoraError(f"nora sweep runs causal-lm recipes; {recipe} is task {base.task!r}")
+    tasks = dict(eval_tasks) if eval_tasks else dict.fromkeys(base.eval.tasks)
+    if limit is not None and limit <= 0:
+        raise NoraError(f"--limit must be positive, got {limit}")
+    if tasks:
+        from nora_cli.evaluate import get_task, prepare_tasks
+
+        canonical = {get_task(k).name: v for k, v in tasks.items()}  # any spelling: ARC-Easy, arc-easy
+        data = {get_task(k).name: v for k, v in base.eval.data.items() if get_task(k).name in canonical}
+        data.update({k: v for k, v in canonical.items() if v})
+        plan = EvalPlan(list(canonical), protocol or base.eval.protocol, limit or base.eval.limit,
+                        base.eval.batch_size, data)
+        plan.prepared = prepare_tasks(plan.tasks, plan.protocol, plan.data, limit=plan.limit)
+        spec.eval = plan
+    return spec
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def results_current(path: Path, plan: EvalPlan) -> bool:
+    """results.json exists and scored the same tasks with the same protocol and limit."""
+    results = _read_json(path)
+    return bool(results) and (
+        list(results.get("tasks", {})) == plan.tasks
+        and results.get("protocol") == plan.protocol
+        and results.get("settings", {}).get("limit") == plan.limit
+    )
+
+
+def run_state(run_dir: Path, plan: EvalPlan | None) -> str:
+    """done | evaluate (trained, results missing/stale) | resume (partial run dir) | new."""
+    if (run_dir / ADAPTER_FILE).is_file():
+        return "evaluate" if plan and not results_current(run_dir / RESULTS_FILE, plan) else "done"
+    return "resume" if run_dir.is_dir() and any(run_dir.iterdir()) else "new"
+
+
+def _check_same_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """Compare resolved values, not text: a key added to the schema later (with its default) is no change."""
+    saved = run_dir / "recipe.yaml"
+    if not saved.is_file():
+        return
+    try:
+        same = load_recipe(str(saved)).model_dump() == recipe.model_dump()
+    except NoraError:  # a key this nora no longer knows
+        same = False
+    if not same:
+        raise NoraError(f"{run_dir} was trained from a different recipe than this sweep now asks for (changed "
+                        "--set, @knobs or recipe file?); use another --output-dir or delete that run dir")
+
+
+def _evaluate(model: Any, recipe: Recipe, run_dir: Path, plan: EvalPlan) -> None:
+    """Score under the recipe's train.mixed_precision autocast: the precision the run trained and validated
+    in (and on CPUs with bf16 units about twice as fast as fp32)."""
+    import torch
+
+    from nora_cli.evaluate import evaluate_model
+    from nora_cli.models import load_tokenizer, resolve_source, torch_dtype
+
+    tokenizer = load_tokenizer(resolve_source(recipe.model.source, recipe.model.gguf_file))
+    precision = recipe.train.mixed_precision
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch_dtype(precision if precision != "no" else "bf16"),
+                              enabled=precision != "no")
+    with autocast:
+        evaluate_model(model, tokenizer, plan.prepared, protocol=plan.protocol, limit=plan.limit,
+                       batch_size=plan.batch_size, output=run_dir / RESULTS_FILE, model_name=recipe.model.source,
+                       adapter_name=str(run_dir), progress=sys.stderr.isatty())
+
+
+def run_one(spec: SweepSpec, variant: Variant, seed: int) -> str:
+    """Bring one run to 'done'; returns what it did: skipped | trained | resumed | evaluated."""
+    from nora_cli.train import train_recipe
+
+    run_dir = spec.run_dir(variant, seed)
+    recipe = spec.run_recipe(variant, seed)
+    _check_same_recipe(run_dir, recipe)
+    state = run_state(run_dir, spec.eval)
+    if state == "done":
+        return "skipped"
+    timing_path = run_dir / "sweep_timing.json"
+    timing = _read_json(timing_path) or {}
+    model = None
+    if state in ("new", "resume"):
+        start = time.perf_counter()
+        model = train_recipe(recipe, run_dir, resume=state == "resume")["model"]
+        timing["train_seconds"] = timing.get("train_seconds", 0.0) + time.perf_counter() - start
+    if spec.eval is not None:
+        start = time.perf_counter()
+        if model is None:  # trained by an earlier, interrupted sweep: the adapter on disk is the run
+            from nora_cli.evaluate import load_for_eval
+
+            model = load_for_eval(adapter=run_dir, dtype=recipe.model.dtype).model
+        _evaluate(model, recipe, run_dir, spec.eval)
+        timing["eval_seconds"] = time.perf_counter() - start
+    timing_path.write_text(json.dumps(timing) + "\n")
+    del model
+    gc.collect()
+    return {"new": "trained", "resume": "resumed", "evaluate": "evaluated"}[state]
+
+
+def run_sweep(spec: SweepSpec, log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Every (variant, seed), seed by seed, then table.json/table.md/loss curves; returns the table dict."""
+    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    total = len(spec.variants) * len(spec.seeds)
+    actions: dict[str, dict[str, str]] = {}
+    # seed-major: an interrupted sweep already holds a full comparison of every method for the first seeds
+    for i, (variant, seed) in enumerate(((v, s) for s in spec.seeds for v in spec.variants), 1):
+        log(f"[{i}/{total}] {variant.name} seed {seed} → {spec.run_dir(variant, seed)}")
+        with contextlib.redirect_stdout(sys.stderr):  # training's "wrote ..." lines; stdout is the table's
+            action = run_one(spec, variant, seed)
+        actions.setdefault(variant.name, {})[str(seed)] = action
+        log(f"[{i}/{total}] {variant.name} seed {seed}: {action}")
+    table = summarize(spec)
+    table["actions"] = actions
+    write_outputs(table, spec.output_dir)
+    plot_loss_curves(spec, spec.output_dir)  # after the tables: a plotting problem never loses the numbers
+    return table
+
+
+# --- the table -----------------------------------------------------------------------------------------
+
+
+def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(train, val) as sorted (step, loss) pairs; a resumed run may log a step twice: the later row wins."""
+    train: dict[int, float] = {}
+    val: dict[int, float] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if "loss" in row:
+                train[int(row["step"])] = float(row["loss"])
+            if "val_loss" in row:
+                val[int(row["step"])] = float(row["val_loss"])
+    return sorted(train.items()), sorted(val.items())
+
+
+def final_train_loss(losses: Sequence[float]) -> float:
+    """Mean of the last ceil(10%) of the logged train losses: one step's loss is one noisy batch."""
+    k = max(1, math.ceil(FINAL_FRACTION * len(losses)))
+    return sum(losses[-k:]) / k
+
+
+def run_metrics(run_dir: Path) -> dict[str, Any]:
+    """One run's numbers, straight from its own metrics.jsonl and results.json."""
+    train, val = read_metrics(run_dir / "metrics.jsonl")
+    losses = [loss for _, loss in train]
+    out: dict[str, Any] = {
+        "steps": train[-1][0] if train else 0,
+        "final_train_loss": final_train_loss(losses) if losses else None,
+        "mean_train_loss": sum(losses) / len(losses) if losses else None,
+        "val_loss": val[-1][1] if val else None,
+        "accuracy": {},
+        "average": None,
+    }
+    results = _read_json(run_dir / RESULTS_FILE)
+    if results:
+        out["accuracy"] = {task: m["accuracy"] for task, m in results["tasks"].items()}
+        out["average"] = results["average"]
+    out.update(_read_json(run_dir / "sweep_timing.json") or {})
+    return out
+
+
+def stats(values: Sequence[float | None]) -> dict[str, Any] | None:
+    """mean, sample std (n-1; 0 for one seed), min, max, n over the seeds that have the value."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def summarize(spec: SweepSpec) -> dict[str, Any]:
+    """The table.json object: per-run metrics and per-method mean ± std."""
+    tasks = spec.eval.tasks if spec.eval else []
+    runs: dict[str, dict[str, Any]] = {}
+    summary: dict[str, Any] = {}
+    for v in spec.variants:
+        per_seed = {str(s): run_metrics(spec.run_dir(v, s)) for s in spec.seeds}
+        runs[v.name] = per_seed
+        rows = list(per_seed.values())
+        summary[v.name] = {
+            key: stats([r[key] for r in rows]) for key in ("final_train_loss", "mean_train_loss", "val_loss", "average")
+        }
+        summary[v.name]["accuracy"] = {t: stats([r["accuracy"].get(t) for r in rows]) for t in tasks}
+    return {
+        "recipe": str(spec.recipe),
+        "methods": {v.name: list(v.overrides) for v in spec.variants},
+        "seeds": spec.seeds,
+        "set": list(spec.overrides),
+        "eval": None if spec.eval is None else {"tasks": tasks, "protocol": spec.eval.protocol,
+                                                  "limit": spec.eval.limit, "data": spec.eval.data},
+        "definitions": {
+            "final_train_loss": f"mean train loss over the last ceil({FINAL_FRACTION:g}·N) of the N logged steps",
+            "mean_train_loss": "mean train loss over all logged steps (area under the curve: early progress)",
+            "val_loss": "validation loss at the last logged validation step",
+            "std": "sample standard deviation over seeds (n-1), 0 for a single seed",
+        },
+        "runs": runs,
+        "summary": summary,
+    }
+
+
+def _cell(stat: dict[str, Any] | None, scale: float = 1.0, digits: int = 4) -> str:
+    if stat is None:
+        return "—"
+    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+
+
+def table_markdown(table: dict[str, Any]) -> str:
+    """Methods as rows, losses then accuracy (%) per task and Avg as columns (the paper's Table 4 layout)."""
+    tasks = table["eval"]["tasks"] if table["eval"] else []
+    head = ["Method", "Train loss (final)", "Train loss (mean)", "Val loss", *tasks]
+    head += ["Avg"] if tasks else []
+    lines = [f"Mean ± std over seeds {', '.join(map(str, table['seeds']))}; accuracy in %.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for name, s in table["summary"].items():
+        cells = [f"`{name}`", _cell(s["final_train_loss"]), _cell(s["mean_train_loss"]), _cell(s["val_loss"])]
+        cells += [_cell(s["accuracy"][t], 100, 1) for t in tasks]
+        cells += [_cell(s["average"], 100, 1)] if tasks else []
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Per run:", "", "| Method | seed | steps | Train loss (final) | Train loss (mean) | Val loss | "
+              + " | ".join([*tasks, "Avg"] if tasks else []) + " |"]
+    lines.append("|---|---:|" + "---:|" * (4 + (len(tasks) + 1 if tasks else 0)))
+    for name, per_seed in table["runs"].items():
+        for seed, r in per_seed.items():
+            nums = [_num(r["final_train_loss"]), _num(r["mean_train_loss"]), _num(r["val_loss"])]
+            nums += [_num(r["accuracy"].get(t), 100, 1) for t in tasks] + ([_num(r["average"], 100, 1)] if tasks else [])
+            lines.append(f"| `{name}` | {seed} | {r['steps']} | " + " | ".join(nums) + " |")
+    lines += ["", *(f"- {k}: {v}" for k, v in table["definitions"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float | None, scale: float = 1.0, digits: int = 4) -> str:
+    return "—" if value is None else f"{scale * value:.{digits}f}"
+
+
+# --- loss curves -----------------------------------------------------------------------------------------
+
+
+def _smooth(ys: list[float], window: int) -> list[float]:
+    """Trailing moving average for plotting only (one step's loss is one noisy batch)."""
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y - (ys[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _curves(spec: SweepSpec, variant: Variant) -> tuple[list[int], list[list[float]]]:
+    """Seeds' train losses on the steps every seed logged."""
+    per_seed = [dict(read_metrics(spec.run_dir(variant, s) / "metrics.jsonl")[0]) for s in spec.seeds]
+    steps = sorted(set.intersection(*(set(c) for c in per_seed))) if per_seed else []
+    return steps, [[c[s] for s in steps] for c in per_seed]
+
+
+def plot_loss_curves(spec: SweepSpec, out_dir: Path) -> list[Path]:
+    """loss_curves.png (mean per method, min-max band; full run + first quarter) and loss_curves/<method>.png."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = {v.name: _curves(spec, v) for v in spec.variants}
+    longest = max((len(steps) for steps, _ in curves.values()), default=0)
+    if longest == 0:
+        return []
+    window = max(1, longest // 25)
+    written = []
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    full, early = fig.subplots(1, 2)
+    for i, (name, (steps, ys)) in enumerate(curves.items()):
+        smooth = [_smooth(y, window) for y in ys]
+        mean = [statistics.fmean(col) for col in zip(*smooth, strict=True)]
+        lo, hi = [min(col) for col in zip(*smooth, strict=True)], [max(col) for col in zip(*smooth, strict=True)]
+        cut = max(2, len(steps) // 4)
+        for ax, n in ((full, len(steps)), (early, cut)):
+            ax.plot(steps[:n], mean[:n], color=f"C{i}", label=name, lw=1.4)
+            ax.fill_between(steps[:n], lo[:n], hi[:n], color=f"C{i}", alpha=0.18, lw=0)
+    for ax, title in ((full, "whole run"), (early, "first quarter")):
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("train loss")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    full.legend(fontsize=8)
+    smoothing = f", moving average of {window} steps" if window > 1 else ""
+    fig.suptitle(f"mean over seeds {', '.join(map(str, spec.seeds))} (band: min–max){smoothing}", fontsize=9)
+    fig.savefig(out_dir / "loss_curves.png", dpi=110)
+    written.append(out_dir / "loss_curves.png")
+
+    (out_dir / "loss_curves").mkdir(exist_ok=True)
+    for i, (v, (steps, ys)) in enumerate(zip(spec.variants, curves.values(), strict=True)):
+        fig = Figure(figsize=(6, 3.8), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        for seed, y in zip(spec.seeds, ys, strict=True):
+            ax.plot(steps, _smooth(y, window), lw=0.9, alpha=0.6, label=f"seed {seed}")
+        if ys:
+            ax.plot(steps, [statistics.fmean(c) for c in zip(*(_smooth(y, window) for y in ys), strict=True)],
+                    color=f"C{i}", lw=2, label="mean")
+        ax.set(xlabel="optimizer step", ylabel="train loss", title=v.name + smoothing.replace(",", " ·"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = out_dir / "loss_curves" / f"{v.dirname}.png"
+        fig.savefig(path, dpi=110)
+        written.append(path)
+    return written
+
+
+def write_outputs(table: dict[str, Any], out_dir: Path) -> None:
+    (out_dir / "table.json").write_text(json.dumps(table, indent=2) + "\n")
+    (out_dir / "table.md").write_text(table_markdown(table))
