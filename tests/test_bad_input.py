@@ -120,7 +120,7 @@ CASES: dict[str, tuple[Setup, str]] = {
     "missing-data-file": (lambda ws: ws.train(**{"data.path": "missing.json"}),
                           r"dataset file not found: .*/missing\.json$"),
     "empty-dataset": (lambda ws: ws.train(**{"data.path": _json_file(ws, "empty.json", [])}),
-                      r"the dataset is empty"),
+                      r"the dataset .*empty\.json is empty"),
     "json-wrong-fields": (
         lambda ws: ws.train(**{"data.path": _json_file(ws, "fields.json", [
             {"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "", "output": "d"},

@@ -178,7 +178,11 @@ def check_disk_space(out_dir: Path, need: int) -> None:
 def make_accelerator(recipe: Any) -> Any:
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # AcceleratorState is a process-wide singleton that refuses a second mixed_precision; several runs in
+    # one process (nora sweep, tests) each bring their own. The distributed PartialState is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     cpu = not torch.cuda.is_available()
     return Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=cpu)
 
