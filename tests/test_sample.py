@@ -29,11 +29,8 @@ DreamBoothRecipe = Recipe  # the dreambooth section is part of the schema
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """Small models: one thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

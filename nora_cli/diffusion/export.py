@@ -109,13 +109,10 @@ def export_diffusers_lora(adapter_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def read_nora_json(adapter_dir: str | Path) -> dict[str, Any]:
-    path = Path(adapter_dir) / "nora.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise NoraError(f"{path}: invalid JSON ({err.msg})") from None
+    """nora.json of an output dir ({} when absent); one reader shared with `nora merge`."""
+    from nora_cli.export.adapter import read_nora
+
+    return read_nora(Path(adapter_dir))
 
 
 def adapter_base(adapter_dir: str | Path) -> str:
