@@ -43,3 +43,5 @@ class Job:
     meta: dict[str, Any] = field(default_factory=dict)
     #: tokens (LM) or images (diffusion) per example, for throughput logging; None = count from batch
     unit: str = "tokens"
+    #: per-example size (LM: tokens); the loop groups each step's examples by it into micro-batches
+    lengths: Sequence[int] | None = None

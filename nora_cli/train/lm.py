@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from nora_cli.errors import NoraError
-from nora_cli.train.job import Job, LossOutput
+from nora_cli.train.fast import TrainForward, enabled_fast_paths, use_sparse_dropout
+from nora_cli.train.job import Job
 
 
 def build_peft_model(model: Any, recipe: Any) -> Any:
@@ -37,17 +37,9 @@ def build_peft_model(model: Any, recipe: Any) -> Any:
     )
     model = get_peft_model(model, config)
     initialize(model, acfg.init, sigma=acfg.sigma, side=acfg.side, seed=recipe.seed)
+    if "dropout" in enabled_fast_paths():
+        use_sparse_dropout(model)
     return model
-
-
-def causal_lm_loss(model: Any, batch: dict[str, Any]) -> LossOutput:
-    """Summed next-token cross-entropy over label tokens (the loop divides by the step's token count)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
-                           reduction="sum")
-    return LossOutput(loss, (labels != -100).sum())
 
 
 def _to_device(collate_fn: Any, device: torch.device) -> Any:
@@ -107,7 +99,7 @@ def build_lm_job(recipe: Any, device: torch.device, out_dir: Path) -> Job:
         train_data=train,
         val_data=val or None,
         collate=collate_fn,
-        loss=causal_lm_loss,
+        loss=TrainForward(peft_model, gradient_checkpointing=mcfg.gradient_checkpointing),
         save_final=save_final,
         meta={
             "base_model": mcfg.source,
@@ -116,4 +108,5 @@ def build_lm_job(recipe: Any, device: torch.device, out_dir: Path) -> Job:
             "modifies_base": modifies_base,
         },
         unit="tokens",
+        lengths=[len(f["input_ids"]) for f in train],
     )

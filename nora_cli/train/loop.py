@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +77,14 @@ def lr_factor(step: int, *, total: int, warmup: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
 
 
-def step_indices(step: int, sched: Schedule, n_examples: int, seed: int, shuffle: bool) -> list[int]:
-    """The global example indices of optimizer step `step` (epoch-wise permutation from the seed)."""
+def step_indices(step: int, sched: Schedule, n_examples: int, seed: int, shuffle: bool,
+                 lengths: Sequence[int] | None = None) -> list[int]:
+    """The global example indices of optimizer step `step` (epoch-wise permutation from the seed).
+
+    With `lengths` and more than one micro-batch per step, the step's examples are ordered by length
+    (stable), so each micro-batch holds similar lengths and pads less; the step's example set, and so
+    its summed loss and gradient, are unchanged up to float summation order.
+    """
     epoch, offset = divmod(step, sched.steps_per_epoch)
     if shuffle:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -85,7 +92,10 @@ def step_indices(step: int, sched: Schedule, n_examples: int, seed: int, shuffle
     else:
         order = torch.arange(n_examples)
     start = offset * sched.batch
-    return order[start : start + sched.batch].tolist()
+    indices = order[start : start + sched.batch].tolist()
+    if lengths is not None and sched.batch > sched.micro:
+        indices.sort(key=lambda j: lengths[j])
+    return indices
 
 
 class _SignalFlag:
@@ -151,7 +161,8 @@ def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool)
         while step < sched.total_steps:
             t0 = time.perf_counter()
             model.train()
-            indices = step_indices(step, sched, n, recipe.seed, recipe.data.shuffle if hasattr(recipe, "data") else True)
+            indices = step_indices(step, sched, n, recipe.seed, recipe.data.shuffle if hasattr(recipe, "data") else True,
+                                   job.lengths)
 
             # --- forward/backward over this process's micro-batches -----------------------
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)

@@ -1,0 +1,267 @@
+"""The causal-LM training forward and the CPU fast paths it switches on (each measured, each exact or
+distribution-preserving; benchmarks/results/throughput.md has the numbers).
+
+`TrainForward(model)(model, batch)` is the Job's loss: summed next-token cross-entropy over label tokens.
+Around the model call it turns on, only for that call:
+
+  gather       the LM head sees only positions whose next token is a label (a forward pre-hook on the
+               output embedding); padding never reaches the vocab-wide matmul and softmax. Same sum.
+  low_precision  under autocast on CPU, frozen fp32 Linear weights are swapped for cached copies in the
+               autocast dtype, so autocast stops re-casting ~all base weights every forward. Bitwise the
+               same matmul inputs autocast would have made (round-to-nearest of the same fp32 weights).
+  onednn       fp32 without autocast on CPU: frozen Linear layers run through oneDNN instead of MKL sgemm
+               (MKL takes a slow path on AMD CPUs: 2.3× slower here). Same fp32 math, other summation order.
+  eager        bf16 autocast on CPU with sequences ≤ 512 tokens: eager attention instead of PyTorch's CPU
+               flash kernel, whose bf16 backward is slow at these lengths; memory grows with T², hence the cap.
+
+and, at model build time, `use_sparse_dropout` swaps PEFT's LoRA dropout for `SparseDropout`: the same
+Bernoulli(p) masks drawn from ~n·p geometric gaps instead of n serial draws (torch's CPU bernoulli_ is
+single-threaded and was 15% of a bf16 step).
+
+NORA_DISABLE_FAST_PATHS=gather,low_precision,onednn,eager,dropout (or "all") turns any of them off.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nora_cli.train.job import LossOutput
+
+FAST_PATHS = ("gather", "low_precision", "onednn", "eager", "dropout")
+EAGER_MAX_LEN = 512  # eager attention stores B·heads·T² scores per layer; above this, keep SDPA
+SPARSE_DROPOUT_MAX_P = 0.25  # above this, n·p geometric draws stop being cheaper than n Bernoulli draws
+
+
+def enabled_fast_paths() -> frozenset[str]:
+    """FAST_PATHS minus those listed in $NORA_DISABLE_FAST_PATHS (comma-separated, or "all")."""
+    off = {name.strip() for name in os.environ.get("NORA_DISABLE_FAST_PATHS", "").split(",") if name.strip()}
+    return frozenset() if "all" in off else frozenset(FAST_PATHS) - off
+
+
+# ---------------------------------------------------------------------------------------------------
+# dropout
+
+
+def drop_positions(n: int, p: float, device: torch.device | None = None) -> torch.Tensor:
+    """Flat indices of an iid Bernoulli(p) mask over n elements, from geometric gaps between drops.
+
+    Gap ~ Geometric(p) = floor(log U / log(1-p)) + 1 with U uniform on (0, 1]: ~n·p draws instead of n.
+    Draws in float64 so U's resolution does not bias the tail of the gap distribution.
+    """
+    log_keep = math.log1p(-p)
+    mean = n * p
+    chunk = int(mean + 6 * math.sqrt(mean) + 16)  # almost always enough in one go; loop otherwise
+    parts, last = [], -1
+    while last < n - 1:
+        u = 1.0 - torch.rand(chunk, dtype=torch.float64, device=device)
+        gaps = torch.floor(torch.log(u) / log_keep).long() + 1
+        pos = torch.cumsum(gaps, 0) + last
+        parts.append(pos)
+        last = int(pos[-1])
+    pos = torch.cat(parts)
+    return pos[pos < n]
+
+
+class _SparseDropoutFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
+        idx = drop_positions(x.numel(), p, x.device)
+        out = torch.mul(x, 1.0 / (1.0 - p)).contiguous()
+        out.view(-1).index_fill_(0, idx, 0)
+        ctx.save_for_backward(idx)
+        ctx.p = p
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (idx,) = ctx.saved_tensors
+        grad = torch.mul(grad, 1.0 / (1.0 - ctx.p)).contiguous()
+        grad.view(-1).index_fill_(0, idx, 0)
+        return grad, None
+
+
+class SparseDropout(nn.Dropout):
+    """nn.Dropout with the mask drawn sparsely on CPU (same distribution, other random stream)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and 0 < self.p <= SPARSE_DROPOUT_MAX_P and x.device.type == "cpu" and not self.inplace:
+            return _SparseDropoutFn.apply(x, self.p)
+        return super().forward(x)
+
+
+def use_sparse_dropout(model: nn.Module) -> int:
+    """Swap every plain nn.Dropout in PEFT's `lora_dropout` dicts for SparseDropout; returns how many."""
+    swapped = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, nn.ModuleDict):
+            continue
+        for key, drop in dropouts.items():
+            if type(drop) is nn.Dropout:
+                dropouts[key] = SparseDropout(drop.p)
+                swapped += 1
+    return swapped
+
+
+# ---------------------------------------------------------------------------------------------------
+# frozen Linear layers through oneDNN (fp32, CPU)
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@lru_cache(maxsize=1)
+def onednn_available() -> bool:
+    """The private op exists in x86/ARM CPU builds; check it once against F.linear before trusting it."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w, b, g = (torch.randn(s, generator=gen) for s in ((3, 5, 16), (8, 16), (8,), (3, 5, 8)))
+        return torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), atol=1e-5) and torch.allclose(
+            _onednn_linear(g, w.t(), None), g @ w, atol=1e-5)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b for a frozen W: backward returns dx = dy·W only (no weight or bias gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        (weight,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return _onednn_linear(grad.contiguous(), weight.t(), None), None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the training forward
+
+
+class TrainForward:
+    """The causal-LM Job loss with the fast paths above; `model` is the PEFT model it will be called with."""
+
+    def __init__(self, model: nn.Module, *, gradient_checkpointing: bool = False,
+                 paths: frozenset[str] | None = None) -> None:
+        self.paths = enabled_fast_paths() if paths is None else paths
+        if gradient_checkpointing:  # recompute would run outside our context: keep the forward plain
+            self.paths = self.paths - {"low_precision", "onednn"}
+        root = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.config = getattr(root, "config", None)
+        self.frozen = [m for m in model.modules() if type(m) is nn.Linear and _frozen_fp32(m)]
+        self._low: dict[torch.dtype, list[tuple[nn.Parameter, nn.Parameter | None]]] = {}
+        self._keep: torch.Tensor | None = None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if "gather" in self.paths and isinstance(head, nn.Module):
+            head.register_forward_pre_hook(self._gather_hook)
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
+        ids = batch["input_ids"]
+        labels = batch["labels"][:, 1:]
+        keep = labels != -100
+        with self._fast(ids, keep):
+            logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+        if logits.dim() == 2:  # the head saw only the kept positions
+            loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+        else:
+            logits = logits[:, :-1]
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+        return LossOutput(loss, keep.sum())
+
+    @contextmanager
+    def _fast(self, ids: torch.Tensor, keep: torch.Tensor) -> Iterator[None]:
+        cpu = ids.device.type == "cpu"
+        autocast = torch.is_autocast_enabled(ids.device.type)
+        with ExitStack() as stack:
+            if "gather" in self.paths:
+                self._keep = keep
+                stack.callback(setattr, self, "_keep", None)
+            if cpu and autocast and "low_precision" in self.paths and self.frozen:
+                stack.enter_context(self._low_precision(torch.get_autocast_dtype("cpu")))
+            if cpu and not autocast and "onednn" in self.paths and self.frozen and onednn_available():
+                stack.enter_context(self._onednn())
+            if (cpu and autocast and torch.get_autocast_dtype("cpu") == torch.bfloat16 and "eager" in self.paths
+                    and ids.shape[1] <= EAGER_MAX_LEN and self.config is not None):
+                stack.enter_context(self._attention("eager"))
+            yield
+
+    def _gather_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """(B, T, H) hidden states -> (n, H) rows whose next token is a label; anything else passes."""
+        keep = self._keep
+        if keep is None or not args or not isinstance(args[0], torch.Tensor):
+            return None
+        hidden = args[0]
+        if hidden.dim() != 3 or hidden.shape[0] != keep.shape[0] or hidden.shape[1] != keep.shape[1] + 1:
+            return None
+        return (hidden[:, :-1][keep], *args[1:])
+
+    @contextmanager
+    def _low_precision(self, dtype: torch.dtype) -> Iterator[None]:
+        if dtype not in self._low:  # frozen: one copy for the whole run
+            self._low[dtype] = [(_like(m.weight, dtype), None if m.bias is None else _like(m.bias, dtype))
+                                for m in self.frozen]
+        originals = [(m.weight, m.bias) for m in self.frozen]
+        try:
+            for m, (w, b) in zip(self.frozen, self._low[dtype], strict=True):
+                m._parameters["weight"] = w
+                if b is not None:
+                    m._parameters["bias"] = b
+            yield
+        finally:
+            for m, (w, b) in zip(self.frozen, originals, strict=True):
+                m._parameters["weight"] = w
+                if b is not None:
+                    m._parameters["bias"] = b
+
+    @contextmanager
+    def _onednn(self) -> Iterator[None]:
+        patched = [m for m in self.frozen if "forward" not in m.__dict__]  # leave hooked modules alone
+        try:
+            for m in patched:
+                m.forward = _onednn_forward(m)
+            yield
+        finally:
+            for m in patched:
+                del m.forward
+
+    @contextmanager
+    def _attention(self, name: str) -> Iterator[None]:
+        previous = self.config._attn_implementation
+        try:
+            self.config._attn_implementation = name
+            yield
+        finally:
+            self.config._attn_implementation = previous
+
+
+def _frozen_fp32(module: nn.Linear) -> bool:
+    params = [module.weight] + ([module.bias] if module.bias is not None else [])
+    return all(p.dtype == torch.float32 and not p.requires_grad and not p.is_meta for p in params)
+
+
+def _like(param: nn.Parameter, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(param.detach().to(dtype), requires_grad=False)
+
+
+def _onednn_forward(module: nn.Linear) -> Any:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            return F.linear(x, module.weight, module.bias)
+        return _OneDNNLinear.apply(x, module.weight, module.bias)
+
+    return forward
