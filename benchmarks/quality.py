@@ -50,6 +50,7 @@ def shared_dir() -> Path:
     path = Path(os.environ.get("NORA_SHARED", REPO.parent / "shared"))
     if not (path / "data" / "commonsense").is_dir():
         raise SystemExit(f"no commonsense data under {path}/data; set NORA_SHARED")
+    os.environ["NORA_SHARED"] = str(path)  # the sweep's evaluation finds the test sets through it
     return path
 
 

@@ -18,6 +18,7 @@ from nora_cli.train.fast import (
     TrainForward,
     drop_positions,
     enabled_fast_paths,
+    length_groups,
     onednn_available,
     use_sparse_dropout,
 )
@@ -71,7 +72,9 @@ def reference(model: nn.Module, bf16: bool) -> float:
 
 @pytest.mark.parametrize("path", FAST_PATHS)
 @pytest.mark.parametrize("bf16", [False, True])
-def test_each_path_matches_the_plain_forward(tiny: nn.Module, path: str, bf16: bool) -> None:
+def test_each_path_matches_the_plain_forward(tiny: nn.Module, path: str, bf16: bool,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("nora_cli.train.fast.SPLIT_CALL_TOKENS", 0)  # so the 12- and 8-token rows split
     plain_loss, plain_count, plain_grads = loss_and_grads(tiny, TrainForward(tiny, paths=frozenset()), bf16)
     assert plain_loss == pytest.approx(reference(tiny, bf16), rel=1e-6)
     assert plain_count == 8 + 7  # row 0: 11 shifted labels, 3 of them prompt; row 1: 7 real tokens
@@ -83,7 +86,10 @@ def test_each_path_matches_the_plain_forward(tiny: nn.Module, path: str, bf16: b
     elif path == "eager":  # bf16 scores before the softmax: within bf16 noise, not bitwise
         assert loss == pytest.approx(plain_loss, rel=2e-2)
         assert (grads - plain_grads).norm() / plain_grads.norm() < 5e-2
-    else:  # gather: same terms summed in another order; onednn: same fp32 math, other summation order
+    elif path == "split" and bf16:  # the LoRA weight gradients sum rows in bf16, in other groups
+        assert loss == pytest.approx(plain_loss, rel=1e-5)
+        assert (grads - plain_grads).norm() / plain_grads.norm() < 1e-2
+    else:  # gather, split: same terms summed in another order; onednn: same fp32 math, other summation order
         assert loss == pytest.approx(plain_loss, rel=1e-5)
         torch.testing.assert_close(grads, plain_grads, rtol=1e-4, atol=1e-6)
 
@@ -101,6 +107,20 @@ def test_model_is_left_as_it_was(tiny: nn.Module) -> None:
     assert tiny.get_base_model().config._attn_implementation == attention
     # a plain forward outside the training loss still returns full logits
     assert tiny(input_ids=batch()["input_ids"]).logits.shape == (2, 12, tiny.config.vocab_size)
+
+
+def test_length_groups_cut_where_padding_outweighs_a_call() -> None:
+    def groups(lengths: list[int], call: int) -> list[list[int]] | None:
+        mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+        rows = length_groups({"attention_mask": mask}, call)
+        return None if rows is None else [r.tolist() for r in rows]
+
+    assert groups([200, 10, 190, 12, 11, 205], 64) == [[1, 4, 3], [2, 0, 5]]
+    assert groups([200, 10, 190, 12, 11, 205], 10_000) is None  # a call costs more than the padding saved
+    assert groups([50, 50, 50], 0) is None  # no padding to save: never split
+    assert groups([1, 2, 3], 0) == [[0], [1], [2]]
+    left_padded = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert length_groups({"attention_mask": left_padded}, 0) is None
 
 
 def test_disable_fast_paths_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,6 +66,12 @@ def layer(model: nn.Module, name: str):
     return dict(lora_layers(model))[name]
 
 
+def same_sketch(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-6) -> bool:
+    """Equal up to summation order: nora multiplies through oneDNN on CPU, the references use torch.matmul."""
+    diff = (actual.float() - expected.float()).norm() / expected.float().norm()
+    return actual.shape == expected.shape and actual.dtype == expected.dtype and bool(diff < tol)
+
+
 def factors(model: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     lyr = layer(model, name)
     return lyr.lora_A["default"].weight.detach(), lyr.lora_B["default"].weight.detach()
@@ -107,7 +113,7 @@ class TestNystromOutput:
             params = {names[id(p)]: p for p in opt.param_groups[0]["params"]}
             for name, b_expected in expected.items():
                 key = f"base_model.model.{name}.lora_B.default.weight"
-                assert torch.equal(params[key].detach(), b_expected)
+                assert same_sketch(params[key].detach(), b_expected)
                 assert torch.count_nonzero(params[key.replace("lora_B", "lora_A")]) == 0
         assert model.nora_init == {"name": "nystrom", "sigma": 0.3, "side": "output", "seed": 7}
         assert model.nora_modifies_base is False and not modifies_base("nystrom")
@@ -127,7 +133,7 @@ class TestNystromOutput:
         a0, b0 = factors(model, "a")
         w0 = model.get_base_model().a.base_layer.weight.float()
         assert b0.dtype == a0.dtype == torch.bfloat16
-        assert torch.equal(b0, ((w0 @ omega(0, "a", (IN, R))) * (0.1 / scaling())).to(torch.bfloat16))
+        assert same_sketch(b0, ((w0 @ omega(0, "a", (IN, R))) * (0.1 / scaling())).to(torch.bfloat16), 4e-3)
 
 
 class TestNystromInput:
@@ -140,7 +146,7 @@ class TestNystromInput:
         v = model.get_base_model().v
         assert torch.count_nonzero(b0) == 0
         assert torch.linalg.norm(a0 - (a0 @ v) @ v.T) / torch.linalg.norm(a0) < 1e-5
-        assert torch.equal(a0, (omega(3, "a", (R, OUT)) @ w0) * (0.1 / scaling()))
+        assert same_sketch(a0, (omega(3, "a", (R, OUT)) @ w0) * (0.1 / scaling()))
         assert torch.equal(model(X), y_before)
         assert torch.equal(model.get_base_model().a.base_layer.weight, w0)
 
@@ -208,10 +214,10 @@ class TestLayerTypes:
             a0, b0 = factors(model, name)
             if side == "output":
                 assert b0.shape == (w0.shape[0], R) and torch.count_nonzero(a0) == 0
-                assert torch.equal(b0, (w0 @ omega(5, name, (w0.shape[1], R))) * (0.1 / scaling()))
+                assert same_sketch(b0, (w0 @ omega(5, name, (w0.shape[1], R))) * (0.1 / scaling()))
             else:
                 assert a0.shape == (R, w0.shape[1]) and torch.count_nonzero(b0) == 0
-                assert torch.equal(a0, (omega(5, name, (R, w0.shape[0])) @ w0) * (0.1 / scaling()))
+                assert same_sketch(a0, (omega(5, name, (R, w0.shape[0])) @ w0) * (0.1 / scaling()))
         assert torch.equal(model(ids).logits, logits)
 
     @pytest.mark.parametrize("side", ["output", "input"])
@@ -229,11 +235,11 @@ class TestLayerTypes:
         coef = 0.1 / scaling()
         if side == "output":
             assert torch.count_nonzero(a0) == 0
-            assert torch.equal(b0, ((w0.flatten(1) @ omega(0, "0", (27, R))) * coef).reshape(8, R, 1, 1))
+            assert same_sketch(b0, ((w0.flatten(1) @ omega(0, "0", (27, R))) * coef).reshape(8, R, 1, 1))
         else:
             om = omega(0, "0", (R, 8))
             assert torch.count_nonzero(b0) == 0
-            assert torch.equal(a0, ((om @ w0.flatten(1)) * coef).reshape(R, 3, 3, 3))
+            assert same_sketch(a0, ((om @ w0.flatten(1)) * coef).reshape(R, 3, 3, 3))
             # The flattening order matches conv semantics: lora_A(x) = (σ/s)·Ω·conv(x, W0).
             via_base = torch.einsum("ro,bohw->brhw", om, F.conv2d(x, w0, padding=1)) * coef
             torch.testing.assert_close(lyr.lora_A["default"](x), via_base, atol=1e-5, rtol=1e-5)
@@ -384,7 +390,7 @@ class TestQuantizedBase:
                 w0 = bnbf.int8_vectorwise_dequant(weight.data, scb).float()
             a0, b0 = factors(model, name)
             assert torch.count_nonzero(a0) == 0
-            assert torch.equal(b0, (w0 @ omega(0, name, (w0.shape[1], R))) * (0.1 / scaling()))
+            assert same_sketch(b0, (w0 @ omega(0, name, (w0.shape[1], R))) * (0.1 / scaling()))
         assert torch.equal(model(ids).logits, logits)
         with pytest.raises(NoraError, match="needs a float base weight"):
             initialize(model, "pissa")
@@ -410,6 +416,6 @@ class TestSmolLM2:
             w0 = layer(model, name).get_base_layer().weight.detach()
             a0, b0 = factors(model, name)
             assert torch.count_nonzero(a0) == 0
-            assert torch.equal(b0, (w0 @ omega(11, name, (w0.shape[1], 8))) * (0.1 / scaling(8, 16)))
+            assert same_sketch(b0, (w0 @ omega(11, name, (w0.shape[1], 8))) * (0.1 / scaling(8, 16)))
         with torch.no_grad():
             assert torch.equal(model(ids).logits, logits)
