@@ -15,8 +15,8 @@ Around the model call it turns on, only for that call:
                flash kernel, whose bf16 backward is slow at these lengths; memory grows with T², hence the cap.
   split        on CPU, a right-padded micro-batch of mixed lengths runs as a few length-sorted sub-batches
                (cut where the padded tokens saved outweigh a per-call cost), their losses summed into one
-               graph. Rows are independent in a causal LM, so this is the same sum over the same tokens,
-               with ~30% padding cut to a few % on instruction data.
+               graph. Rows are independent in a causal LM, so this is the same sum over the same tokens;
+               on the throughput benchmark's ARC-Easy batches padding falls from 30% to ~9%.
 
 and, at model build time, `use_sparse_dropout` swaps PEFT's LoRA dropout for `SparseDropout`: the same
 Bernoulli(p) masks drawn from ~n·p geometric gaps instead of n serial draws (torch's CPU bernoulli_ is
@@ -249,9 +249,10 @@ def length_groups(batch: dict[str, Any], call_tokens: int | None = None) -> list
     """Row indices of length-sorted sub-batches minimising padded tokens + call_tokens per sub-batch
     (an exact DP over the sorted lengths), or None when one batch is best or the batch is not right-padded."""
     mask = batch["attention_mask"]
+    if mask.dim() != 2:
+        return None
     lengths = mask.sum(1)
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    if mask.dim() != 2 or not torch.equal(mask.bool(), positions < lengths[:, None]):
+    if not torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]):
         return None
     call = SPLIT_CALL_TOKENS if call_tokens is None else call_tokens
     order = torch.argsort(lengths, stable=True)
