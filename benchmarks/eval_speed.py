@@ -27,6 +27,7 @@ import statistics
 import time
 from pathlib import Path
 
+import common
 import torch
 
 from nora_cli.evaluate import prepare_task
@@ -51,16 +52,6 @@ def naive_loglik(model, tokenizer, requests) -> list[list[float]]:
                 scores.append(logp.gather(-1, torch.tensor(cont)[:, None]).sum().item())
             out.append(scores)
     return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -121,7 +112,7 @@ def main() -> None:
         f"--rounds {args.rounds} --batch-size {args.batch_size}"
         + (f" --threads {args.threads}`" if args.threads else "`"),
         "",
-        f"Machine: {nproc} CPUs (nproc), {cpu_model()}, torch {torch.__version__} "
+        f"Machine: {nproc} CPUs (nproc), {common.cpu_model()}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, Python "
         f"{platform.python_version()}; no GPU.",
         f"Load average (1 min) at start / end: {load_start[0]:.1f} / {load_end[0]:.1f}"
