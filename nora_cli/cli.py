@@ -17,6 +17,7 @@ import typer
 from nora_cli import __version__
 from nora_cli.commands import evaluate, factorize, merge, recipes, sample, sweep, train
 from nora_cli.errors import NoraError
+from nora_cli.safety import exit_on_sigterm
 
 app = typer.Typer(
     name="nora",
@@ -65,6 +66,7 @@ def main() -> None:
     # bitsandbytes' CPU backend warns on import that an optional hub-downloaded kernel is absent; we never
     # want that kernel (it would fetch from the hub), so keep the warning out of every command's output.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    exit_on_sigterm()  # SIGTERM unwinds (staging dirs are removed) and exits 143
     try:
         rc = app(standalone_mode=False)  # click returns (not raises) typer.Exit codes in this mode
         if isinstance(rc, int) and rc:

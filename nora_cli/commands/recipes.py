@@ -80,11 +80,19 @@ def schema() -> None:
 
 @app.command("validate")
 def validate(name: RecipeArg, overrides: SetOption = None) -> None:
-    """Check a recipe (plus --set overrides) and print it fully resolved: presets filled, paths absolute."""
+    """Check a recipe (plus --set overrides) and print it fully resolved: presets filled, paths absolute.
+
+    Also checks, without loading the model, that a local model source and the data exist and that the
+    records parse (what `nora train` checks before loading anything); what was checked goes to stderr."""
+    from nora_cli.data.check import check_data
     from nora_cli.recipe import load_recipe, recipe_to_yaml
+    from nora_cli.train import check_model_exists
 
     try:
         recipe = load_recipe(name, overrides or [])
+        checked = [check_model_exists(recipe.model.source, recipe.model.gguf_file), check_data(recipe)]
     except NoraError as err:
         raise _fail(err) from None
     sys.stdout.write(recipe_to_yaml(recipe))
+    for line in checked:
+        print(f"ok: {line}", file=sys.stderr)

@@ -31,17 +31,19 @@ def train(
     ] = False,
 ) -> None:
     from nora_cli.recipe import load_recipe
-    from nora_cli.train import check_output_dir
+    from nora_cli.train import preflight
+    from nora_cli.train.rundir import output_lock
 
     overrides = list(set_ or [])
     if allow_pickle:
         overrides.append("model.allow_pickle=true")
     rec = load_recipe(recipe, overrides)
     out = output_dir or Path(rec.output.dir)
-    check_output_dir(out, resume=resume, overwrite=overwrite)  # before spawning processes or loading anything
     nproc = _process_count(num_processes) if num_processes is not None else rec.train.num_processes
     if nproc > 1 and "RANK" not in os.environ and "LOCAL_RANK" not in os.environ:
-        raise SystemExit(_launch(nproc, recipe, overrides, out, resume, overwrite))
+        preflight(rec, out, resume=resume, overwrite=overwrite)  # once, before spawning: one error, exit 2
+        with output_lock(out):  # held by the launcher for all its ranks
+            raise SystemExit(_launch(nproc, recipe, overrides, out, resume, overwrite))
 
     from nora_cli.train import train_recipe
     from nora_cli.train.loop import TrainingStopped
@@ -82,6 +84,8 @@ def _launch(nproc: int, recipe: str, overrides: list[str], out: Path, resume: bo
     """
     import torch
 
+    from nora_cli.train.rundir import LOCK_ENV
+
     config = os.environ.get("NORA_ACCELERATE_CONFIG")
     if config and not Path(config).is_file():
         raise NoraError(f"NORA_ACCELERATE_CONFIG={config} does not exist")
@@ -98,7 +102,7 @@ def _launch(nproc: int, recipe: str, overrides: list[str], out: Path, resume: bo
         cmd.append("--resume")
     if overwrite:
         cmd.append("--overwrite")
-    env = dict(os.environ)
+    env = {**os.environ, LOCK_ENV: str(out.resolve())}
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"
     return subprocess.call(cmd, env=env)

@@ -283,7 +283,13 @@ def run_evaluation(
     data: dict[str, str] | None = None, output: Path | None = None, limit: int | None = None,
     shots: int = 0, protocol: Protocol = "llm-adapters", **kwargs: Any,
 ) -> dict[str, Any]:
-    """The CLI's one call: check tasks and data first (cheap), then load the model and evaluate."""
+    """The CLI's one call: check the output path, tasks and data first (cheap), then load and evaluate."""
+    if output is not None:
+        from nora_cli.safety import check_writable
+
+        if Path(output).is_dir():
+            raise NoraError(f"--output {output} is a directory; pass a file path such as {Path(output) / 'results.json'}")
+        check_writable(Path(output), "--output")
     prepared = prepare_tasks(tasks, protocol, data, limit=limit, shots=shots)
     loaded = load_for_eval(model, adapter, merged, dtype)
     return evaluate_model(loaded.model, loaded.tokenizer, prepared, protocol=protocol, limit=limit, shots=shots,

@@ -18,6 +18,7 @@ from nora_cli.export.adapter import read_nora
 from nora_cli.export.causal_lm import export_merged, export_peft
 from nora_cli.export.job import DTYPES, Exporter, ExportJob, MergeReport, VerifyError, peak_rss_mib
 from nora_cli.export.verify import verify_export
+from nora_cli.safety import check_writable
 
 FORMATS = ("merged", "peft", "diffusers")
 #: format used when --format is not given
@@ -127,6 +128,7 @@ def merge_adapter(
         raise NoraError(f"--verify is not available for --format {fmt} (task {task!r})")
     out = Path(out_dir).expanduser()
     _check_out(out, overwrite)
+    check_writable(out, "--out directory")  # before the export, not after minutes of work
     job = ExportJob(adapter_dir, out, base, dtype, parse_size(max_shard_size), task, fmt)
     job.refuse_inside(adapter_dir, "adapter")
 

@@ -1,22 +1,25 @@
 """`nora train`: check cheaply, build the task's Job, then run the one shared loop.
 
-Everything bad input can break is checked before the weights load: the output dir (kind, emptiness,
-writability), then the adapter against the architecture read from config.json on the meta device
-(target modules exist, 0 < r ≤ min(in, out), safetensors weights). Disk space is checked once the
-job is built (exact trainable size), before the first step. `--overwrite` only deletes the previous
-run after the new job was built, so a bad recipe never costs the user their old results.
+Everything bad input can break is checked before anything is written or the weights load (`preflight`):
+the output dir (nora run marker, emptiness, writability), the model source, the adapter against the
+architecture read from config.json on the meta device (target modules exist, 0 < r ≤ min(in, out),
+safetensors weights), the data (files exist, records parse), and on --resume the recipe and checkpoint.
+Then the output dir is locked. Disk space is checked once the job is built (exact trainable size), before
+the first step. `--overwrite` only deletes the previous run after the new job was built; until then it is
+kept aside and put back on any failure, so a bad recipe never costs the user their old results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from nora_cli.errors import NoraError
+from nora_cli.train import rundir
 
 
 def _lm_job(recipe: Any, device: Any, out_dir: Path) -> Any:
@@ -34,23 +37,17 @@ def _dreambooth_job(recipe: Any, device: Any, out_dir: Path) -> Any:
 #: recipe.task -> job builder
 TASKS: dict[str, Callable[[Any, Any, Path], Any]] = {"causal-lm": _lm_job, "dreambooth": _dreambooth_job}
 
-#: files whose presence marks a directory as a previous run's output
-_RUN_MARKERS = ("nora.json", "adapter_config.json", "checkpoints", "metrics.jsonl")
-
-
 # --- output directory ---------------------------------------------------------------------------------
 
 
-def _probe_writable(folder: Path, out_dir: Path) -> None:
-    """Create and remove a temp dir: permission bits lie to root and about read-only mounts."""
-    try:
-        tempfile.TemporaryDirectory(dir=folder, prefix=".nora-probe-").cleanup()
-    except OSError as err:
-        raise NoraError(f"output directory {out_dir} is not writable ({folder}: {err.strerror})") from None
-
-
 def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Read-only checks, safe on every rank and before anything heavy: fail now, not after the model loads."""
+    """Read-only checks, safe on every rank and before anything heavy: fail now, not after the model loads.
+
+    Only a directory nora's run marker identifies (see rundir.py) is continued or replaced; anything else
+    that is not empty is refused untouched."""
+    from nora_cli.safety import check_writable
+    from nora_cli.train.rundir import MARKER, is_nora_run
+
     if resume and overwrite:
         raise NoraError("--resume and --overwrite exclude each other")
     if out_dir.exists() and not out_dir.is_dir():
@@ -58,29 +55,35 @@ def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
     used = out_dir.is_dir() and any(out_dir.iterdir())
     if used and not (resume or overwrite):
         raise NoraError(f"output directory {out_dir} is not empty; pass --resume to continue it or --overwrite")
-    if used and overwrite and not any((out_dir / m).exists() for m in _RUN_MARKERS):
-        raise NoraError(f"refusing to --overwrite {out_dir}: it does not look like a nora run directory")
-    existing = out_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise NoraError(f"output directory {out_dir} cannot be created: {existing} is not a directory")
-    _probe_writable(existing, out_dir)
-    if used and overwrite:  # the old run is moved aside next to it
-        _probe_writable(out_dir.parent, out_dir)
+    if used and not is_nora_run(out_dir):
+        flag = "--resume" if resume else "--overwrite"
+        raise NoraError(f"refusing to {flag} {out_dir}: it is not a nora run directory (no {MARKER} run marker); "
+                        "nothing was changed")
+    check_writable(out_dir, "output directory")
+
+
+def _entries(folder: Path, skip: Path | None = None) -> list[Path]:
+    return [e for e in folder.iterdir() if e != skip]
 
 
 def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Callable[[bool], None]:
-    """Create the output dir; an --overwrite'd run is only moved aside. Returns `finish(ok)`: on success it
-    deletes the old run (or, on --resume, what a killed run left half-written and its metrics past the last
-    checkpoint); on failure it puts everything back as it was (and removes a dir it created)."""
+    """Create the output dir and mark it as a nora run; an --overwrite'd run is only moved aside (into a
+    hidden folder inside the same, locked directory). Returns `finish(ok)`: on success it deletes the old
+    run (or, on --resume, sets damaged checkpoints aside, removes what a killed run left half-written and its
+    metrics past the last checkpoint); on failure it puts everything back as it was."""
+    from nora_cli.train.rundir import is_nora_run, write_marker
+
     check_output_dir(out_dir, resume=resume, overwrite=overwrite)
-    created = not out_dir.exists()
-    aside: Path | None = None
-    if overwrite and not created and any(out_dir.iterdir()):
-        aside = out_dir.with_name(f".{out_dir.name}.overwritten-{os.getpid()}")
-        os.replace(out_dir, aside)
     out_dir.mkdir(parents=True, exist_ok=True)
+    before = {e.name for e in out_dir.iterdir()}
+    aside: Path | None = None
+    if overwrite and before:
+        aside = out_dir / f".nora-overwritten-{os.getpid()}"
+        aside.mkdir()
+        for entry in _entries(out_dir, aside):
+            os.replace(entry, aside / entry.name)
+    if not is_nora_run(out_dir):
+        write_marker(out_dir)  # first: from here on the directory is recognisably nora's
 
     def finish(ok: bool) -> None:
         if ok:
@@ -89,15 +92,62 @@ def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Calla
             if resume:
                 from nora_cli.train import checkpoint as ckpt
 
+                ckpt.set_aside_damaged(out_dir)
                 ckpt.clean_stale(out_dir)
                 ckpt.rewind_metrics(out_dir)
             return
-        if created or aside is not None:
-            shutil.rmtree(out_dir, ignore_errors=True)
+        for entry in _entries(out_dir, aside):  # only what this run added: the old entries are in `aside`
+            if entry.name in before and aside is None:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
         if aside is not None:
-            os.replace(aside, out_dir)
+            for entry in _entries(aside):
+                os.replace(entry, out_dir / entry.name)
+            aside.rmdir()
 
     return finish
+
+
+def check_model_exists(source: str, gguf_file: str | None = None) -> str:
+    """A local model source (alias, .gguf, folder) exists; a hub id is left to the loader. No weights load."""
+    from nora_cli.models import ALIASES, alias_gguf_path
+
+    if source in ALIASES:
+        return f"model alias {source} ({alias_gguf_path(source)})"
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf" or gguf_file is not None:
+        gguf = path if path.suffix == ".gguf" else path / str(gguf_file)
+        if not gguf.is_file():
+            raise NoraError(f"GGUF file not found: {gguf}")
+        return f"model {gguf}"
+    if path.exists():
+        if not path.is_dir() or not any((path / f).is_file() for f in ("config.json", "model_index.json")):
+            raise NoraError(f"{path} is not a model directory (no config.json or model_index.json)")
+        return f"model {path}"
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise NoraError(f"model path not found: {source}")
+    return f"model {source} (hub id: checked when it loads)"
+
+
+def preflight(recipe: Any, out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Everything cheap, before anything is written or loaded: output dir, model source, adapter vs
+    architecture (config only), data, and on --resume the recipe and the checkpoint to continue from."""
+    from nora_cli.data.check import check_data
+
+    check_output_dir(out_dir, resume=resume, overwrite=overwrite)
+    check_model_exists(recipe.model.source, recipe.model.gguf_file)
+    if recipe.task in PREFLIGHT:
+        PREFLIGHT[recipe.task](recipe)
+    check_data(recipe)
+    if resume and out_dir.is_dir() and any(out_dir.iterdir()):
+        from nora_cli.train import checkpoint as ckpt
+        from nora_cli.train.rundir import check_resume_recipe
+
+        check_resume_recipe(out_dir, recipe)
+        ckpt.newest_usable(out_dir)  # none usable: exit 2 naming the file, before the model loads
 
 
 # --- adapter vs architecture (before the weights load) -------------------------------------------------
@@ -188,14 +238,20 @@ def make_accelerator(recipe: Any) -> Any:
 
 
 def train_recipe(recipe: Any, out_dir: Path, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Run a full training job; returns a small summary (steps, final loss, output dir)."""
-    check_output_dir(out_dir, resume=resume, overwrite=overwrite)
-    if recipe.task in PREFLIGHT:
-        PREFLIGHT[recipe.task](recipe)
+    """Run a full training job; returns a small summary (steps, final loss, output dir).
 
+    Order: cheap checks (nothing written) → lock the output dir → move an old run aside → build the job
+    (model, data) → on success delete the old run, else put it back → train."""
+    preflight(recipe, out_dir, resume=resume, overwrite=overwrite)
+    # the main rank locks (unless `nora train --num-processes N` already holds the lock for its ranks)
+    main = os.environ.get("RANK", "0") == "0"
+    with rundir.output_lock(out_dir) if main else contextlib.nullcontext():
+        return _train_locked(recipe, out_dir, resume=resume, overwrite=overwrite)
+
+
+def _train_locked(recipe: Any, out_dir: Path, *, resume: bool, overwrite: bool) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
-    from nora_cli import __version__
     from nora_cli.recipe import recipe_to_yaml
     from nora_cli.train import loop
 
@@ -217,7 +273,7 @@ def train_recipe(recipe: Any, out_dir: Path, *, resume: bool = False, overwrite:
         finish(True)
     if main:
         meta = {
-            "nora_version": __version__,
+            **rundir.marker_meta(),
             "task": recipe.task,
             "method": recipe.method,
             "dtype": recipe.model.dtype,
@@ -233,6 +289,7 @@ def train_recipe(recipe: Any, out_dir: Path, *, resume: bool = False, overwrite:
             "versions": loop.library_versions(),
         }
         loop.write_run_info(out_dir, recipe_to_yaml(recipe), meta)
+    accelerator.wait_for_everyone()  # damaged checkpoints are set aside before any rank looks for the latest
     summary = loop.run(job, recipe, accelerator, out_dir, resume=resume)
     summary["output_dir"] = str(out_dir)
     summary["num_processes"] = accelerator.num_processes

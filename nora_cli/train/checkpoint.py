@@ -103,6 +103,102 @@ def latest(out_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+#: files every checkpoint has (state.json last); optional ones are checked when present
+_REQUIRED = ("state.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt")
+_OPTIONAL = ("preconditioner.pt", "scaler.pt")
+DAMAGED_PREFIX = "damaged-"
+
+
+def problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed ("optimizer.pt: ..."), or None if every file loads.
+
+    Reads each file fully (LoRA-sized, so cheap): a truncated or garbled file shows up here, before the
+    model loads, instead of as a traceback in the middle of `load`."""
+    from safetensors.torch import load_file
+
+    for name in _REQUIRED:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 1:
+            return "state.json has no step number"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"state.json: {err}"
+    rngs = sorted(p.name for p in path.glob("rng-*.pt"))
+    for name in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", *_OPTIONAL, *rngs):
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            load_file(str(file)) if name.endswith(".safetensors") else _load_pt(file)
+        except Exception as err:  # safetensors, zip, pickle and EOF errors: all mean "damaged"
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return f"{name}: {first[:160]}"
+    return None
+
+
+def candidates(out_dir: Path) -> list[Path]:
+    """Every `step-N` dir, complete or not (newest first): a damaged one must be seen to be reported."""
+    root = out_dir / CKPT_DIR
+    if not root.is_dir():
+        return []
+    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step-") and d.name[5:].isdigit()]
+    return sorted(dirs, key=lambda d: int(d.name[5:]), reverse=True)
+
+
+def newest_usable(out_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(newest checkpoint that loads, [(newer damaged checkpoint, problem), ...]).
+
+    No checkpoint at all is (None, []): the run starts at step 0. Checkpoints that exist but none of which
+    loads is an error naming the newest one's broken file."""
+    damaged: list[tuple[Path, str]] = []
+    for path in candidates(out_dir):
+        issue = problem(path)
+        if issue is None:
+            return path, damaged
+        damaged.append((path, issue))
+    if damaged:
+        path, issue = damaged[0]
+        raise NoraError(f"no usable checkpoint to --resume in {out_dir / CKPT_DIR}: {path / issue}"
+                        + (f" (and {len(damaged) - 1} older ones damaged too)" if len(damaged) > 1 else ""))
+    return None, []
+
+
+def set_aside_damaged(out_dir: Path) -> list[tuple[Path, str]]:
+    """Rename checkpoints newer than the newest usable one to `damaged-step-N` (kept for inspection, never
+    resumed from again) and say so on stderr; returns what was set aside."""
+    import sys
+
+    good, damaged = newest_usable(out_dir)
+    for path, issue in damaged:
+        os.replace(path, path.with_name(f"{DAMAGED_PREFIX}{path.name}"))
+        print(f"warning: checkpoint {path} is damaged ({issue}); kept as {DAMAGED_PREFIX}{path.name}, "
+              f"resuming from {good}", file=sys.stderr)
+    return damaged
+
+
+def _drop(path: Path) -> None:
+    """Delete a checkpoint dir; renamed first, so a torn delete is never taken for the latest checkpoint."""
+    doomed = path.with_name(f".del-{path.name}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def prune_finished(out_dir: Path, save_steps: int | None, keep_last: int | None) -> None:
+    """At the end of a completed run keep exactly what an uninterrupted run keeps: the `save_steps`
+    checkpoints (newest `keep_last`). Checkpoints taken on SIGINT/SIGTERM exist only to resume; the
+    finished adapter replaces them. With save_steps null, checkpoints/ goes away entirely."""
+    on_grid = [d for d in _step_dirs(out_dir) if save_steps and int(d.name[5:]) % save_steps == 0]
+    keep = set(on_grid[-keep_last:] if keep_last else on_grid)
+    for path in _step_dirs(out_dir):
+        if path not in keep:
+            _drop(path)
+    root = out_dir / CKPT_DIR
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+
+
 #: name prefixes of the staging/aside entries the atomic writers leave behind when killed
 _STALE_PREFIXES = (".tmp-", ".old-", ".del-")
 
@@ -214,9 +310,7 @@ def save(
             os.replace(staging, target)
         if keep_last:
             for old in _step_dirs(out_dir)[:-keep_last]:
-                doomed = old.with_name(f".del-{old.name}")  # renamed first: a torn delete is never "latest"
-                os.replace(old, doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
+                _drop(old)
     accelerator.wait_for_everyone()
     return target
 

@@ -254,6 +254,7 @@ def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool)
     if main:
         for name, value in ckpt.final_artifacts(out_dir, lambda d: job.save_final(raw_model, d)).items():
             print(f"wrote {name}: {value}")
+        ckpt.prune_finished(out_dir, tcfg.save_steps, tcfg.keep_last)  # signal checkpoints were for resuming
         log.plot(out_dir / "loss.png")
     accelerator.wait_for_everyone()
     best = None if best_val == math.inf else best_val

@@ -1,0 +1,68 @@
+"""The cheap data check, run before any model loads (`nora train`, before spawning ranks) and by
+`nora recipes validate`: files and image folders exist, and records parse in the recipe's format.
+
+A missing file used to surface only after the model had loaded (a minute for SmolLM2, a full download for
+a 7B recipe). Hub datasets and local dataset folders are left to `datasets` at load time: checking them
+here would mean downloading or reading them whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from nora_cli.errors import NoraError
+
+
+def _is_hub_or_folder(source: str) -> bool:
+    """What `load_records` hands to `datasets.load_dataset` (a local folder, or a hub id)."""
+    from nora_cli.data.text import READERS
+
+    path = Path(source).expanduser()
+    if source.startswith("builtin:") or path.is_file():
+        return False
+    looks_local = path.suffix.lower() in READERS or source.startswith((".", "/", "~")) or source.count("/") > 1
+    return path.is_dir() or not looks_local
+
+
+def check_text_data(dcfg: Any) -> str:
+    """Load the records of a local file (or built-in set) and normalize them all in `dcfg.format`."""
+    from nora_cli.data.text import load_records, normalize_records
+
+    if _is_hub_or_folder(dcfg.path):
+        return f"data {dcfg.path}: hub dataset or folder, checked when it loads"
+    records = load_records(dcfg.path, split=dcfg.split)
+    if not records:
+        raise NoraError(f"the dataset {dcfg.path} is empty")
+    normalize_records(records, dcfg.format)
+    return f"data {dcfg.path}: {len(records)} records, format {dcfg.format}"
+
+
+def check_images(cfg: Any) -> str:
+    """Instance images exist and the first decodes; a class folder to be generated must be writable."""
+    from nora_cli.diffusion.data import IMAGE_SUFFIXES, list_images, load_image
+    from nora_cli.safety import check_writable
+
+    images = list_images(cfg.instance_data_dir)
+    if not images:
+        raise NoraError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {cfg.instance_data_dir}")
+    load_image(images[0])
+    line = f"images {cfg.instance_data_dir}: {len(images)}"
+    if cfg.with_prior_preservation and cfg.class_data_dir:
+        folder = Path(cfg.class_data_dir)
+        have = list_images(folder) if folder.is_dir() else []
+        if have:
+            load_image(have[0])
+        if len(have) < cfg.num_class_images:
+            check_writable(folder, "class image directory")
+        line += f"; class images {folder}: {len(have)} of {cfg.num_class_images}"
+    return line
+
+
+def check_data(recipe: Any) -> str:
+    """The one data check for every task; returns a line saying what was checked."""
+    if recipe.task == "dreambooth":
+        if recipe.dreambooth is None:
+            raise NoraError("task 'dreambooth' needs a `dreambooth:` section")
+        return check_images(recipe.dreambooth)
+    return check_text_data(recipe.data)
