@@ -189,7 +189,7 @@ class TrainConfig(_Section):
         None, gt=0, description="Validation loss every N optimizer steps (null: never)."
     )
     save_steps: int | None = Field(
-        None, gt=0, description="Checkpoint every N optimizer steps (null: only at the end)."
+        None, gt=0, description="Checkpoint every N optimizer steps (null: only when SIGINT/SIGTERM stops the run)."
     )
     keep_last: int | None = Field(2, gt=0, description="Keep the newest N checkpoints (null: keep all).")
     save_best: bool = Field(False, description="Also keep the checkpoint with the lowest validation loss.")

@@ -67,7 +67,7 @@ def _make_workspace(root: Path, model: Path) -> Workspace:
     prev = root / "prev"
     (prev / "checkpoints" / "step-000002").mkdir(parents=True)
     (prev / "checkpoints" / "step-000002" / "state.json").write_text('{"step": 2, "best_val": null}')
-    (prev / "nora.json").write_text('{"method": "nora"}')
+    (prev / "nora.json").write_text('{"kind": "nora-run", "method": "nora"}')  # nora's run marker
     (prev / "adapter_config.json").write_text('{"r": 4}')
     (prev / "adapter_model.safetensors").write_bytes(os.urandom(256))
     (prev / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')

@@ -146,6 +146,7 @@ def test_sigint_and_sigterm_save_checkpoint_exit_130_143_and_resume(tmp_path: Pa
     assert proc.returncode == 0, proc.stderr
     assert f"step {second}/40" in proc.stdout
     assert _train_steps(out) == list(range(1, 41))
+    assert not (out / "checkpoints").exists()  # save_steps null: the signal checkpoints were only for resuming
     adapter = _adapter(out)
     assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
 

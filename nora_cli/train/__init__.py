@@ -80,8 +80,14 @@ def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Calla
     if overwrite and before:
         aside = out_dir / f".nora-overwritten-{os.getpid()}"
         aside.mkdir()
-        for entry in _entries(out_dir, aside):
-            os.replace(entry, aside / entry.name)
+        try:
+            for entry in _entries(out_dir, aside):
+                os.replace(entry, aside / entry.name)
+        except OSError as err:
+            for entry in _entries(aside):
+                os.replace(entry, out_dir / entry.name)
+            aside.rmdir()
+            raise NoraError(f"cannot move the old run in {out_dir} aside: {err}") from None
     if not is_nora_run(out_dir):
         write_marker(out_dir)  # first: from here on the directory is recognisably nora's
 
