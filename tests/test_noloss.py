@@ -122,6 +122,20 @@ def test_overwrite_refuses_foreign_files_beside_checkpoints(tmp_path: Path, tiny
     assert _hashes(thesis) == before
 
 
+def test_run_marker_recognises_this_and_the_previous_version(tmp_path: Path) -> None:
+    from nora_cli.train.rundir import is_nora_run, write_marker
+
+    cases = {"new": None, "old": '{"nora_version": "0.1.0", "method": "nora"}', "foreign": '{"method": "x"}',
+             "list": "[1, 2]", "garbage": "\x00not json", "binary": None}
+    for name, text in cases.items():
+        (tmp_path / name).mkdir()
+        if text is not None:
+            (tmp_path / name / "nora.json").write_text(text)
+    write_marker(tmp_path / "new")
+    (tmp_path / "binary" / "nora.json").write_bytes(b"\xff\xfe\x00")
+    assert {n for n in cases if is_nora_run(tmp_path / n)} == {"new", "old"}
+
+
 # --- 2./3. cheap checks first; a late failure puts the old run back --------------------------------------------
 
 

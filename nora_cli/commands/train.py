@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,8 @@ def train(
     try:
         summary = train_recipe(rec, out, resume=resume, overwrite=overwrite)
     except TrainingStopped as stop:
-        print(str(stop), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank stops; one says so
+            print(str(stop), file=sys.stderr)
         raise SystemExit(stop.exit_code) from None
     if summary.get("num_processes", 1) == 1 or os.environ.get("RANK", "0") == "0":
         loss = summary.get("final_loss")
@@ -84,6 +86,7 @@ def _launch(nproc: int, recipe: str, overrides: list[str], out: Path, resume: bo
     """
     import torch
 
+    from nora_cli.safety import Terminated
     from nora_cli.train.rundir import LOCK_ENV
 
     config = os.environ.get("NORA_ACCELERATE_CONFIG")
@@ -105,4 +108,13 @@ def _launch(nproc: int, recipe: str, overrides: list[str], out: Path, resume: bo
     env = {**os.environ, LOCK_ENV: str(out.resolve())}
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"
-    return subprocess.call(cmd, env=env)
+    launcher = subprocess.Popen(cmd, env=env)
+    try:
+        return launcher.wait()
+    except Terminated:
+        # SIGTERM is often sent to this process alone (`docker stop`, `kill PID`): pass it on and let the ranks
+        # checkpoint and exit before this process, and with it the output dir's lock, goes away. (Ctrl-C
+        # already reaches the whole process group.)
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait()
+        raise
