@@ -159,6 +159,17 @@ def test_missing_data_fails_before_the_model_loads_and_before_spawning(tmp_path:
     _one_error(proc, "record 0 is missing key 'output'")
 
 
+def test_validate_checks_dreambooth_images_without_loading_the_pipeline(tmp_path: Path, shared: Path) -> None:
+    proc = _nora("recipes", "validate", "sd14-dreambooth-dog", "--set", f"dreambooth.instance_data_dir={tmp_path}")
+    _one_error(proc, f"no images (.jpg, .jpeg, .png, .webp) in {tmp_path}")
+    (tmp_path / "dog.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    proc = _nora("recipes", "validate", "sd14-dreambooth-dog", "--set", f"dreambooth.instance_data_dir={tmp_path}")
+    _one_error(proc, f"cannot read image {tmp_path / 'dog.jpg'}")
+    proc = _nora("recipes", "validate", "sd14-dreambooth-dog",
+                 "--set", f"dreambooth.instance_data_dir={shared / 'data/dreambooth/dog'}")
+    assert proc.returncode == 0 and "ok: images" in proc.stderr, proc.stderr
+
+
 def test_overwrite_with_a_late_failure_restores_the_old_run(tmp_path: Path, finished: Path) -> None:
     recipe = _copy_run(finished, tmp_path / "run")
     out = recipe.parent / "out"
@@ -170,6 +181,21 @@ def test_overwrite_with_a_late_failure_restores_the_old_run(tmp_path: Path, fini
     _one_error(proc, "no training example has response tokens within cutoff_len=4", alone=False)
     assert _hashes(tmp_path) == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # nothing left aside
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_completes(tmp_path: Path, finished: Path) -> None:
+    recipe = _copy_run(finished, tmp_path / "run")
+    out = recipe.parent / "out"
+    before = _hashes(out)
+    proc = subprocess.run([NORA, "train", str(recipe), "--overwrite"], capture_output=True, text=True, timeout=300,
+                          env={**ENV, "NORA_FAULT_NAN_AT_STEP": "3"})  # the new run fails while training
+    assert proc.returncode == 1 and "non-finite loss at step 3" in proc.stderr, proc.stderr
+    (aside,) = out.glob(".nora-overwritten-*")
+    assert f"kept in {aside}" in proc.stderr
+    assert _hashes(aside) == before  # every file of the old run, byte for byte
+    proc = _nora("train", str(recipe), "--resume")  # the new run goes on from its step-2 checkpoint ...
+    assert proc.returncode == 0, proc.stderr
+    assert not list(out.glob(".nora-overwritten-*"))  # ... and once it completes, the old run goes
 
 
 # --- 4. the lock -----------------------------------------------------------------------------------------

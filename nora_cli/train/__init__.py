@@ -6,7 +6,8 @@ architecture read from config.json on the meta device (target modules exist, 0 <
 safetensors weights), the data (files exist, records parse), and on --resume the recipe and checkpoint.
 Then the output dir is locked. Disk space is checked once the job is built (exact trainable size), before
 the first step. `--overwrite` only deletes the previous run after the new job was built; until then it is
-kept aside and put back on any failure, so a bad recipe never costs the user their old results.
+kept aside and put back on any failure; a failure while training (a NaN stop, a crash) keeps it aside
+(`.nora-overwritten-PID/`) until the new run completes, so a bad recipe never costs the user their old results.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,15 +64,19 @@ def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
     check_writable(out_dir, "output directory")
 
 
+#: prefix of the hidden folder an --overwrite'd run waits in until the new run completes
+OVERWRITTEN = ".nora-overwritten-"
+
+
 def _entries(folder: Path, skip: Path | None = None) -> list[Path]:
     return [e for e in folder.iterdir() if e != skip]
 
 
 def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Callable[[bool], None]:
     """Create the output dir and mark it as a nora run; an --overwrite'd run is only moved aside (into a
-    hidden folder inside the same, locked directory). Returns `finish(ok)`: on success it deletes the old
-    run (or, on --resume, sets damaged checkpoints aside, removes what a killed run left half-written and its
-    metrics past the last checkpoint); on failure it puts everything back as it was."""
+    hidden `OVERWRITTEN` folder inside the same, locked directory, deleted once the new run completes).
+    Returns `finish(ok)`: on success, on --resume, it sets damaged checkpoints aside and removes what a killed
+    run left half-written and its metrics past the last checkpoint; on failure it puts everything back."""
     from nora_cli.train.rundir import is_nora_run, write_marker
 
     check_output_dir(out_dir, resume=resume, overwrite=overwrite)
@@ -78,7 +84,7 @@ def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Calla
     before = {e.name for e in out_dir.iterdir()}
     aside: Path | None = None
     if overwrite and before:
-        aside = out_dir / f".nora-overwritten-{os.getpid()}"
+        aside = out_dir / f"{OVERWRITTEN}{os.getpid()}"
         aside.mkdir()
         try:
             for entry in _entries(out_dir, aside):
@@ -93,8 +99,6 @@ def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Calla
 
     def finish(ok: bool) -> None:
         if ok:
-            if aside is not None:
-                shutil.rmtree(aside, ignore_errors=True)
             if resume:
                 from nora_cli.train import checkpoint as ckpt
 
@@ -247,7 +251,7 @@ def train_recipe(recipe: Any, out_dir: Path, *, resume: bool = False, overwrite:
     """Run a full training job; returns a small summary (steps, final loss, output dir).
 
     Order: cheap checks (nothing written) → lock the output dir → move an old run aside → build the job
-    (model, data) → on success delete the old run, else put it back → train."""
+    (model, data; a failure puts the old run back) → train → on completion delete the old run."""
     preflight(recipe, out_dir, resume=resume, overwrite=overwrite)
     # the main rank locks (unless `nora train --num-processes N` already holds the lock for its ranks)
     main = os.environ.get("RANK", "0") == "0"
@@ -296,7 +300,17 @@ def _train_locked(recipe: Any, out_dir: Path, *, resume: bool, overwrite: bool) 
         }
         loop.write_run_info(out_dir, recipe_to_yaml(recipe), meta)
     accelerator.wait_for_everyone()  # damaged checkpoints are set aside before any rank looks for the latest
-    summary = loop.run(job, recipe, accelerator, out_dir, resume=resume)
+    try:
+        summary = loop.run(job, recipe, accelerator, out_dir, resume=resume)
+    except BaseException:
+        if main:
+            for old in out_dir.glob(f"{OVERWRITTEN}*"):
+                print(f"note: the run --overwrite replaced is kept in {old} until this run completes",
+                      file=sys.stderr)
+        raise
+    if main:  # completed: the run it replaced (and any left by an interrupted --overwrite) can go
+        for old in out_dir.glob(f"{OVERWRITTEN}*"):
+            shutil.rmtree(old, ignore_errors=True)
     summary["output_dir"] = str(out_dir)
     summary["num_processes"] = accelerator.num_processes
     return summary
