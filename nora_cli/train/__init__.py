@@ -5,9 +5,9 @@ the output dir (nora run marker, emptiness, writability), the model source, the 
 architecture read from config.json on the meta device (target modules exist, 0 < r ≤ min(in, out),
 safetensors weights), the data (files exist, records parse), and on --resume the recipe and checkpoint.
 Then the output dir is locked. Disk space is checked once the job is built (exact trainable size), before
-the first step. `--overwrite` only deletes the previous run after the new job was built; until then it is
-kept aside and put back on any failure; a failure while training (a NaN stop, a crash) keeps it aside
-(`.nora-overwritten-PID/`) until the new run completes, so a bad recipe never costs the user their old results.
+the first step. `--overwrite` moves the previous run aside (`.nora-overwritten-PID/` inside the run dir),
+puts it back if building the job fails, and deletes it only when the new run completes: a bad recipe never
+costs the user their old results, not even one that only fails while training (a NaN stop, a crash).
 """
 
 from __future__ import annotations
