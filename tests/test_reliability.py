@@ -200,6 +200,7 @@ def test_torn_checkpoint_then_nan_stop_then_resume_is_bitwise(tmp_path: Path, ti
     assert "step 4/6" in proc.stdout
     assert _train_steps(out) == [1, 2, 3, 4, 5, 6]
     _assert_same_adapter(reference, out)
+    assert sorted(os.listdir(ckpts)) == sorted(os.listdir(reference / "checkpoints"))  # same as uninterrupted
 
 
 # --- output dir checks before any heavy work ---------------------------------------------------------
