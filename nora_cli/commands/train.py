@@ -44,11 +44,11 @@ def train(
         raise SystemExit(_launch(nproc, recipe, overrides, out, resume, overwrite))
 
     from nora_cli.train import train_recipe
-    from nora_cli.train.loop import TrainingStopped
+    from nora_cli.train.loop import Aborted, TrainingStopped
 
     try:
         summary = train_recipe(rec, out, resume=resume, overwrite=overwrite)
-    except TrainingStopped as stop:
+    except (TrainingStopped, Aborted) as stop:
         print(str(stop), file=sys.stderr)
         raise SystemExit(stop.exit_code) from None
     if summary.get("num_processes", 1) == 1 or os.environ.get("RANK", "0") == "0":
