@@ -139,6 +139,8 @@ def convert_gguf(gguf: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from nora_cli.train.checkpoint import publish_modes
+
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantized; drop the GGUF quantizer so save_pretrained writes plain fp32.
@@ -150,6 +152,7 @@ def convert_gguf(gguf: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        publish_modes(tmp)
         os.replace(tmp, out)  # atomic: a concurrent or crashed conversion never leaves half a model
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
