@@ -123,8 +123,9 @@ def hub_source(repo_id: str, marker: str) -> ModelSource:
     if isinstance(try_to_load_from_cache(repo_id, marker), str):  # a local dir: from_pretrained asks no hub
         return ModelSource(snapshot_download(repo_id, local_files_only=True), repo_id)
     raise NoraError(
-        f"{reason} and {repo_id!r} is not in the local cache ({constants.HF_HUB_CACHE}); point model.source at "
-        f"a local copy (--set model.source=/path/to/folder), or download it first (hf download {repo_id})"
+        f"{reason}, and {repo_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); use a "
+        f"local copy instead (a model folder: --set model.source=DIR, or --model/--base DIR), or download it "
+        f"first: hf download {repo_id}"
     )
 
 
