@@ -24,6 +24,7 @@ app = typer.Typer(
     help="Finetune LoRA adapters with NoRA (Nyström init) and NoRA+ (ScaledGD preconditioning).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: Typer's rich panels label every flag `<bool>`, as if it took a value
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -7,6 +7,7 @@ later load reads that instead.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -91,7 +92,41 @@ def resolve_source(source: str, gguf_file: str | None = None) -> ModelSource:
         return ModelSource(str(path.resolve()), source)
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise NoraError(f"model path not found: {source}")
-    return ModelSource(source, source)  # hub id, resolved by transformers (offline-aware)
+    return hub_source(source, "config.json")
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the hub can't be reached (None: it answered). One request, no retries, asked once per process.
+
+    huggingface_hub retries every file with backoff when the hub is down (minutes for a pipeline), so we
+    ask once and, if it is down, read from the cache or stop with one line."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if _offline():
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as err:  # any transport failure (refused, DNS, timeout, proxy): the hub is unusable
+        return f"cannot reach {constants.ENDPOINT}: {type(err).__name__}"
+    return None  # any HTTP answer, even an error status, means the hub is there; from_pretrained reports the rest
+
+
+def hub_source(repo_id: str, marker: str) -> ModelSource:
+    """A hub id as is when the hub answers; else its cached snapshot (if `marker` is cached) or one line."""
+    reason = hub_unreachable()
+    if reason is None:
+        return ModelSource(repo_id, repo_id)
+    from huggingface_hub import constants, snapshot_download, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, marker), str):  # a local dir: from_pretrained asks no hub
+        return ModelSource(snapshot_download(repo_id, local_files_only=True), repo_id)
+    raise NoraError(
+        f"{reason}, and {repo_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}); use a "
+        f"local copy instead (a model folder: --set model.source=DIR, or --model/--base DIR), or download it "
+        f"first: hf download {repo_id}"
+    )
 
 
 def convert_gguf(gguf: Path) -> Path:
@@ -105,6 +140,8 @@ def convert_gguf(gguf: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from nora_cli.train.checkpoint import publish_modes
+
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantized; drop the GGUF quantizer so save_pretrained writes plain fp32.
@@ -116,6 +153,7 @@ def convert_gguf(gguf: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        publish_modes(tmp)
         os.replace(tmp, out)  # atomic: a concurrent or crashed conversion never leaves half a model
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

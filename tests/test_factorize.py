@@ -217,3 +217,22 @@ def test_bad_flag_exits_2_with_one_line():
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0] == "error: --lr 'abc': expected a number", proc.stderr
+
+
+def test_fig1a_axis_labels_render_F_as_a_subscript(preset):
+    """Every label is mathtext whose rendering has no '_' glyph and draws F smaller than A (a subscript)."""
+    from matplotlib.mathtext import MathTextParser
+
+    from nora_cli.commands.factorize import plot_figure
+
+    fig = plot_figure(preset("fig1a"))
+    labels = [ax.get_ylabel() for ax in fig.axes] + [fig._suptitle.get_text()]
+    assert len(labels) == 2 and "_F" in labels[0]
+    for label in labels:
+        assert all("_" not in plain for plain in label.split("$")[0::2]), label  # outside $…$ '_' shows as is
+        for part in label.split("$")[1::2]:  # the mathtext pieces
+            glyphs = MathTextParser("path").parse(f"${part}$", dpi=72).glyphs
+            chars = {chr(g[2]) if isinstance(g[2], int) else g[2]: g[1] for g in glyphs}
+            assert "_" not in chars, label
+            if "F" in chars:
+                assert chars["F"] < chars["A"], label

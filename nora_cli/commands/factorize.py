@@ -11,11 +11,14 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from nora_cli.errors import NoraError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Flags that define the problem or the single run; a preset already fixes all of them.
 _RUN_FLAGS = ("--problem", "--m", "--n", "--rank", "--spectrum", "--algorithm", "--init", "--lr", "--xi",
@@ -142,6 +145,15 @@ def _print_table(result: dict, iters_to_eps: Callable[[list, float], int | None]
 
 
 def _write_plot(result: dict, path: Path) -> None:
+    fig = plot_figure(result)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    except OSError as err:
+        raise NoraError(f"--plot {path}: cannot write ({err.strerror or err})") from None
+
+
+def plot_figure(result: dict) -> Figure:
     """Log-scale curves like Figs. 1/4: dotted lines for perturbed Nyström; a second panel for weak optimality."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -151,9 +163,10 @@ def _write_plot(result: dict, path: Path) -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2 if weak else 1, squeeze=False)[0]
     sym = result["problem"] == "symmetric"
-    panels = [("errors", "‖XXᵀ − A‖_F" if sym else "‖XYᵀ − A‖_F")]
+    # mathtext, so that _F is a subscript (plain text showed a literal "_F")
+    panels = [("errors", r"$\|XX^\top - A\|_F$" if sym else r"$\|XY^\top - A\|_F$")]
     if weak:
-        panels.append(("weak_errors", "‖XᵀA†X − I‖_F" if sym else "‖YᵀA†X − I‖_F"))
+        panels.append(("weak_errors", r"$\|X^\top A^\dagger X - I\|_F$" if sym else r"$\|Y^\top A^\dagger X - I\|_F$"))
     colors: dict[tuple, str] = {}  # a perturbed run shares its clean twin's color, dotted (as in the paper)
     for r in result["runs"]:
         colors.setdefault((r["algorithm"], r["lr"], r["xi"]), f"C{len(colors)}")
@@ -168,9 +181,5 @@ def _write_plot(result: dict, path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{result['problem']}, r={result['rank']}, r_A={result['rank_A']}", fontsize=10)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    except OSError as err:
-        raise NoraError(f"--plot {path}: cannot write ({err.strerror or err})") from None
+    fig.suptitle(f"{result['problem']}, $r$={result['rank']}, $r_A$={result['rank_A']}", fontsize=10)
+    return fig

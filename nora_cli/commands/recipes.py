@@ -10,7 +10,7 @@ import typer
 
 from nora_cli.errors import NoraError
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 SetOption = Annotated[
     list[str] | None,

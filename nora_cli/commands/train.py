@@ -47,11 +47,11 @@ def train(
             raise SystemExit(_launch(nproc, recipe, overrides, out, resume, overwrite))
 
     from nora_cli.train import train_recipe
-    from nora_cli.train.loop import TrainingStopped
+    from nora_cli.train.loop import Aborted, TrainingStopped
 
     try:
         summary = train_recipe(rec, out, resume=resume, overwrite=overwrite)
-    except TrainingStopped as stop:
+    except (TrainingStopped, Aborted) as stop:
         if os.environ.get("RANK", "0") == "0":  # every rank stops; one says so
             print(str(stop), file=sys.stderr)
         raise SystemExit(stop.exit_code) from None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nora_cli.errors import NoraError
-from nora_cli.models import ModelSource, torch_dtype
+from nora_cli.models import ModelSource, hub_source, hub_unreachable, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +48,7 @@ def resolve_pipeline_source(source: str) -> ModelSource:
         return ModelSource(str(path.resolve()), source)
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise NoraError(f"pipeline path not found: {source}")
-    return ModelSource(source, source)
+    return hub_source(source, "model_index.json")
 
 
 def is_pipeline_dir(source: str) -> bool:
@@ -58,8 +58,10 @@ def is_pipeline_dir(source: str) -> bool:
         return (path / "model_index.json").is_file()
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
         return False
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
+    if hub_unreachable() is not None:  # no retries against a hub that is down: the cache decides
+        return isinstance(try_to_load_from_cache(source, "model_index.json"), str)
     try:
         hf_hub_download(source, "model_index.json")
     except Exception:  # offline, missing repo, or no such file: not something we can load as a pipeline
@@ -91,10 +93,10 @@ def load_sd_parts(source: str, dtype: str = "fp32", device: str | torch.device =
     """Load UNet, VAE, text encoder, tokenizer and the DDPM training scheduler of an SD 1.x pipeline.
 
     Weights come from safetensors only unless `allow_pickle` (unpickling .bin files can run code)."""
+    src = resolve_pipeline_source(source)  # before the heavy imports: an unreachable hub fails in seconds
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    src = resolve_pipeline_source(source)
     weights = torch_dtype(dtype)
     safe = {"use_safetensors": None if allow_pickle else True}
     try:

@@ -19,6 +19,7 @@ from nora_cli.export.causal_lm import export_merged, export_peft
 from nora_cli.export.job import DTYPES, Exporter, ExportJob, MergeReport, VerifyError, peak_rss_mib
 from nora_cli.export.verify import verify_export
 from nora_cli.safety import check_writable
+from nora_cli.train.checkpoint import publish_modes
 
 FORMATS = ("merged", "peft", "diffusers")
 #: format used when --format is not given
@@ -142,6 +143,7 @@ def merge_adapter(
             report.verify = exporter.verify(job, staging, report)
             if not report.verify.passed:
                 raise VerifyError(f"{report.verify.line()}; --out {out} was left unchanged")
+        publish_modes(staging)
         _commit(staging, out, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful commit

@@ -37,6 +37,28 @@ def _fsync_tree(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask: from /proc on Linux, else by setting it and putting it back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def publish_modes(root: Path) -> None:
+    """Give a staged file or tree the modes of a plain write (0666/0777 minus the umask) before it is renamed
+    into place: mkstemp/mkdtemp, and safetensors' own atomic save, create everything 0600/0700."""
+    mask = _umask()
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
@@ -45,6 +67,7 @@ def atomic_write(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        publish_modes(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -57,6 +80,7 @@ def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
     try:
         write(tmp)
+        publish_modes(tmp)
         _fsync_tree(tmp)
         if target.exists():
             old = target.with_name(f".old-{target.name}-{os.getpid()}")
@@ -77,6 +101,7 @@ def final_artifacts(out_dir: Path, write: Callable[[Path], None]) -> dict[str, P
     written: dict[str, Path] = {}
     try:
         write(tmp)
+        publish_modes(tmp)
         _fsync_tree(tmp)
         # adapter_config.json goes last: until it is in place, a half-moved adapter is not loadable as one
         for entry in sorted(tmp.iterdir(), key=lambda e: (e.name == "adapter_config.json", e.name)):
@@ -299,6 +324,7 @@ def save(
             torch.save(accelerator.scaler.state_dict(), staging / "scaler.pt")
         state = {"step": step, "best_val": best_val if best_val != float("inf") else None}
         (staging / "state.json").write_text(json.dumps(state))  # written last: marks completeness
+        publish_modes(staging)
         _fsync_tree(staging)
         if target.exists():  # re-saving a step: move the old copy aside first, never delete it in place
             aside = root / f".old-{target.name}"

@@ -36,6 +36,14 @@ class TrainingStopped(Exception):
         self.exit_code = exit_code
 
 
+class Aborted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: stop at once without a checkpoint; the message says what was (not) kept."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class NonFiniteLoss(NoraError):
     exit_code = 1
 
@@ -99,10 +107,13 @@ def step_indices(step: int, sched: Schedule, n_examples: int, seed: int, shuffle
 
 
 class _SignalFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current step."""
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current step. Both say so at once,
+    since a step can take minutes; a second signal aborts without saving."""
 
-    def __init__(self) -> None:
+    def __init__(self, out_dir: Path, log: MetricsLog) -> None:
         self.signum: int | None = None
+        self.step = 0  # the step being computed (1-based), named in the messages
+        self._out_dir, self._log = out_dir, log
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _SignalFlag:
@@ -111,9 +122,16 @@ class _SignalFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
         if self.signum is not None:  # second signal: stop now
-            raise KeyboardInterrupt
+            last = ckpt.latest(self._out_dir)
+            kept = f"the last checkpoint is {last} (continue with --resume)" if last else "no checkpoint was saved"
+            raise Aborted(f"{name} again: aborted step {self.step} without saving a checkpoint; {kept}",
+                          128 + signum)
         self.signum = signum
+        again = "Ctrl-C" if signum == signal.SIGINT else name
+        self._log.notice(f"{name}: finishing step {self.step}, then saving a checkpoint "
+                         f"({again} again to abort without saving)")
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
@@ -157,9 +175,10 @@ def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool)
 
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=main, append=resume and start_step > 0)
     step = start_step
-    with _SignalFlag() as flag, log.progress(sched.total_steps, start_step) as progress:
+    with _SignalFlag(out_dir, log) as flag, log.progress(sched.total_steps, start_step, job.unit) as progress:
         while step < sched.total_steps:
             t0 = time.perf_counter()
+            flag.step = step + 1
             model.train()
             indices = step_indices(step, sched, n, recipe.seed, recipe.data.shuffle if hasattr(recipe, "data") else True,
                                    job.lengths)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,13 +45,26 @@ class MetricsLog:
         if self.enabled:
             print(f"warning: {message}", file=sys.stderr)
 
+    def notice(self, message: str) -> None:
+        """One stderr line, safe inside a signal handler; printed above the bar while one is live."""
+        if not self.enabled:
+            return
+        if self._bar is not None and self._bar.live:
+            try:
+                self._bar.live.console.print(message, markup=False, highlight=False)
+                return
+            except RuntimeError:  # the handler interrupted a write to stderr: reentrant buffered I/O
+                pass
+        os.write(sys.stderr.fileno(), f"{message}\n".encode())
+
     @contextmanager
-    def progress(self, total: int, start: int) -> Iterator[_Progress]:
-        bar = _Progress(total, start, self.enabled)
+    def progress(self, total: int, start: int, unit: str = "tokens") -> Iterator[_Progress]:
+        self._bar = _Progress(total, start, self.enabled, unit)
         try:
-            yield bar
+            yield self._bar
         finally:
-            bar.close()
+            self._bar.close()
+            self._bar = None
 
     def plot(self, path: Path) -> None:
         rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -76,29 +91,57 @@ class MetricsLog:
 
 
 class _Progress:
-    """step/total, loss, lr, throughput and ETA; silent on non-main ranks."""
+    """step/total, loss, lr, throughput and ETA on stderr; silent on non-main ranks.
 
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self._progress = None
+    A terminal gets a live rich bar. Anything else (a pipe, a log file under nohup, Docker, Slurm or CI)
+    would see that bar only at the end, so it gets a plain line every `every` steps and at least every
+    `seconds` (NORA_PROGRESS_SECONDS), plus the first and last step."""
+
+    def __init__(self, total: int, start: int, enabled: bool, unit: str = "tokens") -> None:
+        self.live: Any = None  # the rich Progress while a terminal shows it
+        self._total, self._start, self._unit, self._enabled = total, start, unit, enabled
+        self.every = max(1, math.ceil(total / 20))  # about 20 lines per run from the step rule
+        self.seconds = float(os.environ.get("NORA_PROGRESS_SECONDS", 30))
+        self._t0 = self._last = time.monotonic()
         if not enabled:
             return
         from rich.console import Console
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._progress = Progress(
+        self.live = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+            TimeRemainingColumn(), console=console, transient=False,
         )
-        self._task = self._progress.add_task("train", total=total, completed=start, info="")
-        self._progress.start()
+        self._task = self.live.add_task("train", total=total, completed=start, info="")
+        self.live.start()
 
     def update(self, step: int, record: dict[str, Any]) -> None:
-        if self._progress is None:
+        if not self._enabled:
             return
-        speed = next((f"{v:,.0f} {k.removesuffix('_per_s')}/s" for k, v in record.items() if k.endswith("_per_s")), "")
+        rate = record.get(f"{self._unit}_per_s")
+        speed = f"{rate:,.0f} {self._unit}/s" if rate is not None else ""
         info = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {speed}"
-        self._progress.update(self._task, completed=step, info=info)
+        if self.live is not None:
+            self.live.update(self._task, completed=step, info=info)
+            return
+        now = time.monotonic()
+        if step % self.every and step not in (self._start + 1, self._total) and now - self._last < self.seconds:
+            return
+        self._last = now
+        eta = (now - self._t0) / (step - self._start) * (self._total - step)
+        print(f"step {step}/{self._total}  {info}  ETA {_clock(eta)}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+
+def _clock(seconds: float) -> str:
+    minutes, sec = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{sec:02d}"
