@@ -176,3 +176,31 @@ def test_real_smollm2_adapter_loads_with_vanilla_peft(tmp_path: Path, smollm2_di
         # the adapter is not a no-op: it changes the logits relative to the base
         with loaded.disable_adapter():
             assert (loaded(ids).logits - trained(ids).logits).abs().max() > 1e-4
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train(tmp: Path, model_dir: Path, **overrides: object) -> Path:
+    """One in-process run in its own folder; returns the output dir."""
+    tmp.mkdir()
+    recipe = load_recipe(str(_recipe(tmp, model_dir, **{"train.save_steps": None, **overrides})))
+    train_recipe(recipe, tmp / "out")
+    return tmp / "out"
+
+
+def test_4bit_validation_does_not_change_training(tmp_path: Path, tiny_llama_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """On AVX512-BF16 CPUs bitsandbytes repacks Linear4bit weights for inference on the first eval-mode,
+    no-grad forward, i.e. at validation; training must go on exactly as without validation. This AMD CPU
+    lacks the instructions, so make bnb believe it has them (it checks once, building each Linear4bit)."""
+    monkeypatch.setattr("bitsandbytes.nn.modules.has_avx512bf16", lambda: True)
+    common = {"model.quantization": "4bit", "train.max_steps": 3, "train.eval_steps": None}
+    plain = _train(tmp_path / "plain", tiny_llama_dir, **common)
+    validated = _train(tmp_path / "val", tiny_llama_dir, **{**common, "train.eval_steps": 1})
+    assert [r["step"] for r in _metrics(validated) if "val_loss" in r] == [1, 2, 3]
+    losses = [[r["loss"] for r in _metrics(out) if "loss" in r] for out in (plain, validated)]
+    assert losses[0] == losses[1]
+    a, b = _final_adapter(plain), _final_adapter(validated)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

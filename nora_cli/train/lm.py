@@ -18,8 +18,11 @@ def build_peft_model(model: Any, recipe: Any) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from nora_cli.init import initialize
+    from nora_cli.models import keep_trainable_4bit_layout
 
     mcfg, acfg = recipe.model, recipe.adapter
+    if mcfg.quantization == "4bit":
+        keep_trainable_4bit_layout(model)  # before any forward: validation must not repack the weights
     if mcfg.quantization:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=mcfg.gradient_checkpointing)
     elif mcfg.gradient_checkpointing:
