@@ -421,7 +421,7 @@ class TestQuantizedBase:
         b0 = [lyr.lora_B["default"].weight.detach().clone() for _, lyr in lora_layers(model)]
         with pytest.raises(NoraError, match="repacked by bitsandbytes into its CPU inference layout"):
             initialize(model, "nystrom")
-        assert all(torch.equal(b, lyr.lora_B["default"].weight) for b, (_, lyr) in zip(b0, lora_layers(model)))
+        assert all(torch.equal(b, lyr.lora_B["default"].weight) for b, (_, lyr) in zip(b0, lora_layers(model), strict=True))
 
 
 @pytest.mark.slow
