@@ -182,6 +182,10 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in _metrics(out) if "loss" in r]
+
+
 def _train(tmp: Path, model_dir: Path, **overrides: object) -> Path:
     """One in-process run in its own folder; returns the output dir."""
     tmp.mkdir()
@@ -200,7 +204,26 @@ def test_4bit_validation_does_not_change_training(tmp_path: Path, tiny_llama_dir
     plain = _train(tmp_path / "plain", tiny_llama_dir, **common)
     validated = _train(tmp_path / "val", tiny_llama_dir, **{**common, "train.eval_steps": 1})
     assert [r["step"] for r in _metrics(validated) if "val_loss" in r] == [1, 2, 3]
-    losses = [[r["loss"] for r in _metrics(out) if "loss" in r] for out in (plain, validated)]
+    losses = [_losses(out) for out in (plain, validated)]
     assert losses[0] == losses[1]
     a, b = _final_adapter(plain), _final_adapter(validated)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_gradient_checkpointing_matches_the_plain_run(tmp_path: Path, tiny_llama_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpointing recomputes each layer outside the fast paths' context, so the forward must not differ
+    from the recompute (eager attention did, and torch.utils.checkpoint refused). Recompute is exact, so the
+    run equals a plain one with SDPA attention; with the eager fast path, bf16 scores shift it slightly."""
+    common = {"train.mixed_precision": "bf16", "train.max_steps": 3, "train.eval_steps": None,
+              "adapter.dropout": 0.1}  # dropout: the recompute must replay the same masks
+    eager = _train(tmp_path / "eager", tiny_llama_dir, **common)
+    checkpointed = _train(tmp_path / "ckpt", tiny_llama_dir,
+                          **{**common, "model.gradient_checkpointing": True})
+    monkeypatch.setenv("NORA_DISABLE_FAST_PATHS", "eager")
+    sdpa = _train(tmp_path / "sdpa", tiny_llama_dir, **common)
+    losses = {out.parent.name: _losses(out) for out in (eager, checkpointed, sdpa)}
+    assert len(losses["ckpt"]) == 3 and losses["ckpt"] == losses["sdpa"]
+    assert losses["ckpt"] == pytest.approx(losses["eager"], rel=1e-4)
+    a, b = _final_adapter(checkpointed), _final_adapter(sdpa)
+    assert all(torch.equal(a[k], b[k]) for k in a)

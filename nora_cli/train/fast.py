@@ -147,8 +147,8 @@ class TrainForward:
     def __init__(self, model: nn.Module, *, gradient_checkpointing: bool = False,
                  paths: frozenset[str] | None = None) -> None:
         self.paths = enabled_fast_paths() if paths is None else paths
-        if gradient_checkpointing:  # recompute would run outside our context: keep the forward plain
-            self.paths = self.paths - {"low_precision", "onednn"}
+        if gradient_checkpointing:  # recompute runs outside our context: nothing there may differ from it
+            self.paths = self.paths - {"low_precision", "onednn", "eager"}
         root = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.config = getattr(root, "config", None)
         self.frozen = [m for m in model.modules() if type(m) is nn.Linear and _frozen_fp32(m)]
