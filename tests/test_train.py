@@ -84,6 +84,8 @@ def test_tiny_end_to_end_outputs_and_pinned_losses(tmp_path: Path, tiny_llama_di
     # Pinned losses of this exact run (torch 2.13 CPU, fp32). A change here means the math changed.
     losses = [r["loss"] for r in train_rows]
     assert losses == pytest.approx(PINNED_LOSSES, abs=2e-4), losses
+    # each step logs the lr it used: 1 warmup step from 0 (1/2 of lr), then linear decay to 0 over 5 steps
+    assert [r["lr"] for r in train_rows] == pytest.approx([5e-3, 1e-2, 8e-3, 6e-3, 4e-3, 2e-3], rel=1e-12)
 
 
 PINNED_LOSSES = [10.806291, 10.819923, 10.776739, 10.730551, 10.696571, 10.676927]

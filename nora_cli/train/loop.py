@@ -200,6 +200,7 @@ def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool)
                 _non_finite(step + 1, loss, grad_norm, tcfg.nan_policy, out_dir, log)  # raises under "stop"
                 optimizer.zero_grad(set_to_none=True)  # "skip": no gradients, so the step below changes nothing
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the lr this step used; scheduler.step() moves to the next one
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -211,7 +212,7 @@ def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool)
                 "step": step,
                 "epoch": round(step / sched.steps_per_epoch, 4),
                 "loss": loss,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
                 "grad_norm": grad_norm,
                 f"{job.unit}_per_s": units_total / dt,
                 "peak_mem_mb": peak_memory_mb(device),
