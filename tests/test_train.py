@@ -229,3 +229,22 @@ def test_bf16_gradient_checkpointing_matches_the_plain_run(tmp_path: Path, tiny_
     assert losses["ckpt"] == pytest.approx(losses["eager"], rel=1e-4)
     a, b = _final_adapter(checkpointed), _final_adapter(sdpa)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without CUDA")
+def test_fp16_on_cpu_is_refused_before_loading(tmp_path: Path) -> None:
+    """accelerate drops fp16 on CPU and trains in fp32 without a word: refuse it, before the model loads
+    (the model folder here has no weights, so a load would fail with another message)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "intermediate_size": 128, "vocab_size": 100}
+    (model / "config.json").write_text(json.dumps(config))
+    recipe = _recipe(tmp_path, model, **{"train.mixed_precision": "fp16"})
+    nora = Path(sys.executable).with_name("nora")
+    proc = subprocess.run([str(nora), "train", str(recipe)], capture_output=True, text=True, env=ENV,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: train.mixed_precision=fp16 needs a CUDA GPU (on CPU it "
+                                                "would silently train in fp32); use bf16 or no"]
+    assert not (tmp_path / "out").exists()

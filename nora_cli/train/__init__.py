@@ -175,6 +175,16 @@ def check_disk_space(out_dir: Path, need: int) -> None:
 # --- the run ------------------------------------------------------------------------------------------
 
 
+def check_precision(recipe: Any) -> None:
+    """fp16 needs CUDA: on CPU accelerate drops fp16 autocast and its GradScaler without a word and the run
+    trains in fp32. Checked before anything loads."""
+    import torch
+
+    if recipe.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise NoraError("train.mixed_precision=fp16 needs a CUDA GPU (on CPU it would silently train in "
+                        "fp32); use bf16 or no")
+
+
 def make_accelerator(recipe: Any) -> Any:
     import torch
     from accelerate import Accelerator
@@ -190,6 +200,7 @@ def make_accelerator(recipe: Any) -> Any:
 def train_recipe(recipe: Any, out_dir: Path, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run a full training job; returns a small summary (steps, final loss, output dir)."""
     check_output_dir(out_dir, resume=resume, overwrite=overwrite)
+    check_precision(recipe)
     if recipe.task in PREFLIGHT:
         PREFLIGHT[recipe.task](recipe)
 
