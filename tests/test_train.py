@@ -245,7 +245,7 @@ def test_fp16_on_cpu_is_refused_before_loading(tmp_path: Path) -> None:
     proc = subprocess.run([str(nora), "train", str(recipe)], capture_output=True, text=True, env=ENV,
                           timeout=120)
     assert proc.returncode == 2, proc.stderr
-    expected = ("error: train.mixed_precision=fp16 needs a CUDA GPU (on CPU it would silently train in fp32); "
-                "use bf16 or no")
+    expected = ("error: train.mixed_precision=fp16 needs a CUDA GPU "
+                "(on CPU it would silently train in fp32); use bf16 or no")
     assert proc.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "out").exists()
