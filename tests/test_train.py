@@ -249,3 +249,46 @@ def test_fp16_on_cpu_is_refused_before_loading(tmp_path: Path) -> None:
                 "(on CPU it would silently train in fp32); use bf16 or no")
     assert proc.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "out").exists()
+
+
+def _cpu_fp16_scaler_accelerator(recipe: object) -> object:
+    """accelerate's fp16 path (autocast + GradScaler) on CPU, where accelerate itself would not turn it on:
+    torch's GradScaler works on CPU, so the loop's scaler branch runs here as it does on CUDA."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision="fp16", cpu=True)
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    return accelerator
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_fp16_scaler_skips_a_gradient_the_preconditioner_made_non_finite(
+        tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        policy: str) -> None:
+    """GradScaler checks the gradients when they are unscaled, before NoRA+ preconditions them; with λ = 0 a
+    singular Gram matrix turns finite gradients into inf after that check. The loop must catch it."""
+    from nora_cli.optim import Preconditioner
+    from nora_cli.train.loop import NonFiniteLoss
+
+    real_apply = Preconditioner.apply
+
+    def apply_then_inf_at_step_2(self: Preconditioner) -> None:
+        real_apply(self)
+        if self.step == 2:
+            grad = next(p.grad for p in self.model.parameters() if p.grad is not None)
+            grad.view(-1)[0] = torch.inf
+
+    monkeypatch.setattr("nora_cli.train.make_accelerator", _cpu_fp16_scaler_accelerator)
+    monkeypatch.setattr(Preconditioner, "apply", apply_then_inf_at_step_2)
+    overrides = {"train.max_steps": 3, "train.eval_steps": None, "train.nan_policy": policy}
+    if policy == "stop":
+        with pytest.raises(NonFiniteLoss, match="non-finite gradient norm at step 2"):
+            _train(tmp_path / "run", tiny_llama_dir, **overrides)
+        return
+    out = _train(tmp_path / "run", tiny_llama_dir, **overrides)
+    assert "skipped step 2: non-finite gradient norm" in capsys.readouterr().err
+    assert len(_losses(out)) == 3
+    assert all(torch.isfinite(v).all() for v in _final_adapter(out).values())
