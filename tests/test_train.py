@@ -292,3 +292,17 @@ def test_fp16_scaler_skips_a_gradient_the_preconditioner_made_non_finite(
     assert "skipped step 2: non-finite gradient norm" in capsys.readouterr().err
     assert len(_losses(out)) == 3
     assert all(torch.isfinite(v).all() for v in _final_adapter(out).values())
+
+
+def test_four_micro_batches_equal_one_batch_four_times_larger(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """Gradient accumulation through the real loop: the loss is normalized by the step's token count and
+    NoRA+'s preconditioner runs once per optimizer step, so 4 × 2 examples train like 1 × 8. Applying the
+    preconditioner per micro-batch compounds it (moves the adapter by ~5e-2 here); fp32 summation order ~1e-6."""
+    common = {"train.max_steps": 4, "train.eval_steps": None, "train.batch_size": 8, "adapter.dropout": 0.0}
+    accumulated = _train(tmp_path / "accum", tiny_llama_dir, **{**common, "train.micro_batch_size": 2})
+    one_batch = _train(tmp_path / "big", tiny_llama_dir, **{**common, "train.micro_batch_size": 8})
+    assert _losses(accumulated) == pytest.approx(_losses(one_batch), abs=1e-5)
+    a, b = _final_adapter(accumulated), _final_adapter(one_batch)
+    assert any(k.endswith("lora_A.weight") and a[k].abs().max() > 1e-2 for k in a)  # training moved A from 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=5e-6, rtol=0)
