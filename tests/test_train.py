@@ -297,7 +297,8 @@ def test_fp16_scaler_skips_a_gradient_the_preconditioner_made_non_finite(
 def test_four_micro_batches_equal_one_batch_four_times_larger(tmp_path: Path, tiny_llama_dir: Path) -> None:
     """Gradient accumulation through the real loop: the loss is normalized by the step's token count and
     NoRA+'s preconditioner runs once per optimizer step, so 4 × 2 examples train like 1 × 8. Applying the
-    preconditioner per micro-batch compounds it (moves the adapter by ~5e-2 here); fp32 summation order ~1e-6."""
+    preconditioner per micro-batch compounds it (moves the adapter by ~5e-2 here); fp32 summation order
+    moves it by ~1e-6."""
     common = {"train.max_steps": 4, "train.eval_steps": None, "train.batch_size": 8, "adapter.dropout": 0.0}
     accumulated = _train(tmp_path / "accum", tiny_llama_dir, **{**common, "train.micro_batch_size": 2})
     one_batch = _train(tmp_path / "big", tiny_llama_dir, **{**common, "train.micro_batch_size": 8})
