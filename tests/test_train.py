@@ -72,6 +72,7 @@ def test_tiny_end_to_end_outputs_and_pinned_losses(tmp_path: Path, tiny_llama_di
     assert meta["method"] == "nora+" and meta["init"] == {"name": "nystrom", "sigma": 0.1, "side": "output", "seed": 3}
     assert meta["precondition"]["kind"] == "scaled-gd" and meta["precondition"]["normalize"] is True
     assert "torch" in meta["versions"]
+    assert meta["fast_paths"] == ["gather", "onednn", "split"]  # fp32 on CPU, no dropout
     assert load_recipe(str(out / "recipe.yaml")).adapter.r == 4  # the resolved recipe reloads
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
@@ -229,6 +230,10 @@ def test_bf16_gradient_checkpointing_matches_the_plain_run(tmp_path: Path, tiny_
     assert losses["ckpt"] == pytest.approx(losses["eager"], rel=1e-4)
     a, b = _final_adapter(checkpointed), _final_adapter(sdpa)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    paths = {out.parent.name: json.loads((out / "nora.json").read_text())["fast_paths"]
+             for out in (eager, checkpointed, sdpa)}
+    assert paths == {"eager": ["gather", "low_precision", "eager", "split", "dropout"],
+                     "ckpt": ["gather", "split", "dropout"], "sdpa": ["gather", "low_precision", "split", "dropout"]}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without CUDA")

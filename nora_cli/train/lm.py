@@ -97,18 +97,20 @@ def build_lm_job(recipe: Any, device: torch.device, out_dir: Path) -> Job:
             model.save_pretrained(target)
         tokenizer.save_pretrained(target)
 
+    forward = TrainForward(peft_model, gradient_checkpointing=mcfg.gradient_checkpointing)
     return Job(
         model=peft_model,
         train_data=train,
         val_data=val or None,
         collate=collate_fn,
-        loss=TrainForward(peft_model, gradient_checkpointing=mcfg.gradient_checkpointing),
+        loss=forward,
         save_final=save_final,
         meta={
             "base_model": mcfg.source,
             "base_model_resolved": source.name_or_path,
             "prompt_template": dcfg.template,
             "modifies_base": modifies_base,
+            "fast_paths": forward.active(device, recipe.train.mixed_precision),
         },
         unit="tokens",
         lengths=[len(f["input_ids"]) for f in train],
