@@ -233,7 +233,8 @@ def test_bf16_gradient_checkpointing_matches_the_plain_run(tmp_path: Path, tiny_
     paths = {out.parent.name: json.loads((out / "nora.json").read_text())["fast_paths"]
              for out in (eager, checkpointed, sdpa)}
     assert paths == {"eager": ["gather", "low_precision", "eager", "split", "dropout"],
-                     "ckpt": ["gather", "split", "dropout"], "sdpa": ["gather", "low_precision", "split", "dropout"]}
+                     "ckpt": ["gather", "split", "dropout"],
+                     "sdpa": ["gather", "low_precision", "split", "dropout"]}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without CUDA")

@@ -162,8 +162,8 @@ class TrainForward:
                                    for m in model.modules())
 
     def active(self, device: torch.device, mixed_precision: str) -> list[str]:
-        """The fast paths a run on `device` under `mixed_precision` takes (nora.json records them), so that a
-        result can be traced to the kernels that produced it. eager: only for batches ≤ EAGER_MAX_LEN tokens."""
+        """The fast paths a run on `device` under `mixed_precision` takes (nora.json records them), so a
+        result can be traced to the kernels behind it. eager: only for batches ≤ EAGER_MAX_LEN tokens."""
         cpu = device.type == "cpu"
         autocast = mixed_precision in ("bf16", "fp16")
         applies = {
