@@ -280,6 +280,11 @@ def _check(entry: InitMethod, layer: LoraLayer, name: str, method: str) -> None:
         _require(layer, name, method, entry.kinds)
     weight = layer.get_base_layer().weight  # bnb 4-bit may be stored as a float dtype (quant_storage)
     quantized = get_bnb_param_type(weight) or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        raise NoraError(f"the 4-bit weight of {name!r} was repacked by bitsandbytes into its CPU inference "
+                        "layout (an eval-mode forward ran first), which dequantizes to a scrambled W0; "
+                        "initialize right after loading, or call "
+                        "nora_cli.models.keep_trainable_4bit_layout(model) before any forward")
     if entry.float_only and quantized:
         raise NoraError(f"init {method!r} needs a float base weight, but {name!r} is quantized; "
                         "initialize it on an unquantized model")

@@ -247,6 +247,22 @@ def linear_layers(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def keep_trainable_4bit_layout(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking Linear4bit weights for CPU inference; returns how many layers.
+
+    On CPUs with AVX512-BF16, bnb 0.50's `Linear4bit.forward` rewrites the weight into a CPU inference
+    layout on the first eval-mode forward whose input needs no gradient (validation under no_grad). That
+    layout has no backward path, and `dequantize_4bit` reads it as a scrambled W0: afterwards LoRA
+    gradients go missing or wrong and a Nyström init sketches garbage. Training keeps the layout it
+    quantized in by turning the per-layer switch off (a forward then dequantizes as on other CPUs)."""
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for module in layers:
+        module.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def load_causal_lm(
     source: str | ModelSource,
     *,

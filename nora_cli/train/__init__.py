@@ -148,6 +148,7 @@ def preflight(recipe: Any, out_dir: Path, *, resume: bool, overwrite: bool) -> N
     from nora_cli.data.check import check_data
 
     check_output_dir(out_dir, resume=resume, overwrite=overwrite)
+    check_precision(recipe)
     check_model_exists(recipe.model.source, recipe.model.gguf_file)
     if recipe.task in PREFLIGHT:
         PREFLIGHT[recipe.task](recipe)
@@ -233,6 +234,16 @@ def check_disk_space(out_dir: Path, need: int) -> None:
 
 
 # --- the run ------------------------------------------------------------------------------------------
+
+
+def check_precision(recipe: Any) -> None:
+    """fp16 needs CUDA: on CPU accelerate drops fp16 autocast and its GradScaler without a word and the run
+    trains in fp32. Checked before anything loads."""
+    import torch
+
+    if recipe.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise NoraError("train.mixed_precision=fp16 needs a CUDA GPU (on CPU it would silently train in "
+                        "fp32); use bf16 or no")
 
 
 def make_accelerator(recipe: Any) -> Any:

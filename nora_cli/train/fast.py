@@ -147,16 +147,34 @@ class TrainForward:
     def __init__(self, model: nn.Module, *, gradient_checkpointing: bool = False,
                  paths: frozenset[str] | None = None) -> None:
         self.paths = enabled_fast_paths() if paths is None else paths
-        if gradient_checkpointing:  # recompute would run outside our context: keep the forward plain
-            self.paths = self.paths - {"low_precision", "onednn"}
+        if gradient_checkpointing:  # recompute runs outside our context: nothing there may differ from it
+            self.paths = self.paths - {"low_precision", "onednn", "eager"}
         root = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.config = getattr(root, "config", None)
         self.frozen = [m for m in model.modules() if type(m) is nn.Linear and _frozen_fp32(m)]
         self._low: dict[torch.dtype, list[tuple[nn.Parameter, nn.Parameter | None]]] = {}
         self._keep: torch.Tensor | None = None
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if "gather" in self.paths and isinstance(head, nn.Module):
+        self._gathering = "gather" in self.paths and isinstance(head, nn.Module)
+        if self._gathering:
             head.register_forward_pre_hook(self._gather_hook)
+        self._sparse_dropout = any(type(m) is SparseDropout and 0 < m.p <= SPARSE_DROPOUT_MAX_P
+                                   for m in model.modules())
+
+    def active(self, device: torch.device, mixed_precision: str) -> list[str]:
+        """The fast paths a run on `device` under `mixed_precision` takes (nora.json records them), so a
+        result can be traced to the kernels behind it. eager: only for batches ≤ EAGER_MAX_LEN tokens."""
+        cpu = device.type == "cpu"
+        autocast = mixed_precision in ("bf16", "fp16")
+        applies = {
+            "gather": self._gathering,
+            "low_precision": cpu and autocast and bool(self.frozen),
+            "onednn": cpu and not autocast and bool(self.frozen) and onednn_available(),
+            "eager": cpu and mixed_precision == "bf16" and self.config is not None,
+            "split": cpu,
+            "dropout": cpu and self._sparse_dropout,
+        }
+        return [name for name in FAST_PATHS if name in self.paths and applies[name]]
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
         rows = batch["input_ids"].device.type == "cpu" and "split" in self.paths and length_groups(batch)

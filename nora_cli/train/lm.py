@@ -18,8 +18,11 @@ def build_peft_model(model: Any, recipe: Any) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from nora_cli.init import initialize
+    from nora_cli.models import keep_trainable_4bit_layout
 
     mcfg, acfg = recipe.model, recipe.adapter
+    if mcfg.quantization == "4bit":
+        keep_trainable_4bit_layout(model)  # before any forward: validation must not repack the weights
     if mcfg.quantization:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=mcfg.gradient_checkpointing)
     elif mcfg.gradient_checkpointing:
@@ -94,18 +97,20 @@ def build_lm_job(recipe: Any, device: torch.device, out_dir: Path) -> Job:
             model.save_pretrained(target)
         tokenizer.save_pretrained(target)
 
+    forward = TrainForward(peft_model, gradient_checkpointing=mcfg.gradient_checkpointing)
     return Job(
         model=peft_model,
         train_data=train,
         val_data=val or None,
         collate=collate_fn,
-        loss=TrainForward(peft_model, gradient_checkpointing=mcfg.gradient_checkpointing),
+        loss=forward,
         save_final=save_final,
         meta={
             "base_model": mcfg.source,
             "base_model_resolved": source.name_or_path,
             "prompt_template": dcfg.template,
             "modifies_base": modifies_base,
+            "fast_paths": forward.active(device, recipe.train.mixed_precision),
         },
         unit="tokens",
         lengths=[len(f["input_ids"]) for f in train],

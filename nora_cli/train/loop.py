@@ -202,8 +202,10 @@ def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool)
             totals = accelerator.reduce(torch.stack([loss_sum, count]), reduction="sum")
             loss = (totals[0] / totals[1]).item()
             scale = world / totals[1].item()  # DDP averaged grads over ranks; undo, then divide by units
+            overflow = False  # fp16: GradScaler found inf/NaN while unscaling and will skip this update itself
             if accelerator.scaler is not None:
                 accelerator.unscale_gradients()
+                overflow = not _all_finite(trainable)
             for p in trainable:
                 if p.grad is not None:
                     p.grad.mul_(scale)
@@ -213,12 +215,14 @@ def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool)
             if precond is not None:
                 precond.apply()
             grad_norm = _clip(trainable, tcfg.max_grad_norm)
-            # fp16 overflow (finite loss, inf gradients) is routine: GradScaler skips that update itself.
-            overflow = accelerator.scaler is not None and math.isfinite(loss)
+            # fp16 overflow (finite loss, inf gradients) is routine. But GradScaler decided before the
+            # preconditioner ran: a non-finite gradient it made from finite ones (λ = 0) is ours to skip.
+            overflow = overflow and math.isfinite(loss)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)) and not overflow:
                 _non_finite(step + 1, loss, grad_norm, tcfg.nan_policy, out_dir, log)  # raises under "stop"
                 optimizer.zero_grad(set_to_none=True)  # "skip": no gradients, so the step below changes nothing
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the lr this step used; scheduler.step() moves to the next one
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -230,7 +234,7 @@ def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool)
                 "step": step,
                 "epoch": round(step / sched.steps_per_epoch, 4),
                 "loss": loss,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
                 "grad_norm": grad_norm,
                 f"{job.unit}_per_s": units_total / dt,
                 "peak_mem_mb": peak_memory_mb(device),
@@ -308,6 +312,11 @@ def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
     if max_norm:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+def _all_finite(params: list[torch.nn.Parameter]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def _fault_nan(step: int, loss: float, params: list[torch.nn.Parameter]) -> float:
