@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -50,35 +49,31 @@ def sample(
              "--scheduler": scheduler, "--lora-scale": lora_scale, "--height": height, "--width": width, "--out": out,
              "--template": template, "--temperature": temperature, "--top-p": top_p,
              "--max-new-tokens": max_new_tokens}
-    try:
-        from nora_cli import sample as lib
+    from nora_cli import sample as lib
 
-        prompts = _prompts(prompt, prompt_file)
-        kind = lib.detect_kind(model, adapter)
-        _check_options(kind, given)
-        base = lib.base_model(model, adapter)
-        if kind == "images":
-            _check_image_options(scheduler, lora_scale, adapter, num_images, steps, height, width)
-            request = lib.ImageRequest(
-                model=base, adapter=adapter, prompts=prompts, out_dir=out or Path("samples"),
-                num_images=num_images or 4, seed=seed, steps=steps or 30,
-                guidance=7.5 if guidance is None else guidance, negative_prompt=negative_prompt,
-                scheduler=scheduler, lora_scale=1.0 if lora_scale is None else lora_scale,
-                height=height, width=width, allow_pickle=allow_pickle,
-            )
-            for record in lib.sample_images(request):
-                print(request.out_dir / record.file)
-            print(request.out_dir / "grid.png")
-        else:
-            _check_text_options(template, temperature, top_p, max_new_tokens)
-            lib.sample_text(lib.TextRequest(
-                model=base, adapter=adapter, prompts=prompts, template=template,
-                max_new_tokens=max_new_tokens or 256, temperature=temperature or 0.0,
-                top_p=1.0 if top_p is None else top_p, seed=seed, allow_pickle=allow_pickle,
-            ))
-    except NoraError as err:  # also under CliRunner, which bypasses cli.main's error table
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(err.exit_code) from None
+    prompts = _prompts(prompt, prompt_file)
+    kind = lib.detect_kind(model, adapter)
+    _check_options(kind, given)
+    base = lib.base_model(model, adapter)
+    if kind == "images":
+        _check_image_options(scheduler, lora_scale, adapter, num_images, steps, height, width)
+        request = lib.ImageRequest(
+            model=base, adapter=adapter, prompts=prompts, out_dir=out or Path("samples"),
+            num_images=num_images or 4, seed=seed, steps=steps or 30,
+            guidance=7.5 if guidance is None else guidance, negative_prompt=negative_prompt,
+            scheduler=scheduler, lora_scale=1.0 if lora_scale is None else lora_scale,
+            height=height, width=width, allow_pickle=allow_pickle,
+        )
+        for record in lib.sample_images(request):
+            print(request.out_dir / record.file)
+        print(request.out_dir / "grid.png")
+    else:
+        _check_text_options(template, temperature, top_p, max_new_tokens)
+        lib.sample_text(lib.TextRequest(
+            model=base, adapter=adapter, prompts=prompts, template=template,
+            max_new_tokens=max_new_tokens or 256, temperature=temperature or 0.0,
+            top_p=1.0 if top_p is None else top_p, seed=seed, allow_pickle=allow_pickle,
+        ))
 
 
 def _prompts(prompt: list[str] | None, prompt_file: Path | None) -> list[str]:
