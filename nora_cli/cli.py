@@ -30,7 +30,7 @@ def _usage(err: typer.TyperException) -> str:
 
 
 _USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EROFS, errno.ENOSPC,
-                   errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP)
+                   errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP, errno.EEXIST)
 
 
 def _os_error(err: OSError) -> str | None:
