@@ -29,8 +29,8 @@ def _usage(err: typer.TyperException) -> str:
     return err.format_message().replace("Value error, ", "")
 
 
-_USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EROFS, errno.ENOSPC,
-                   errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP, errno.EEXIST)
+_USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EROFS,
+                   errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP, errno.EEXIST)
 
 
 def _os_error(err: OSError) -> str | None:
@@ -72,7 +72,8 @@ def _debug(args: Sequence[str]) -> bool:
 class _NoraGroup(TyperGroup):
     """Applies the error table in `main`, the entry that both the console script and CliRunner call."""
 
-    def main(self, args: Sequence[str] | None = None, *more: Any, standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(self, args: Sequence[str] | None = None, *more: Any, standalone_mode: bool = True,
+             **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         try:
             rc = super().main(argv, *more, standalone_mode=False, **extra)  # returns typer.Exit codes

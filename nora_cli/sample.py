@@ -204,19 +204,22 @@ class TextRequest:
 
 def sample_text(req: TextRequest) -> list[str]:
     """Generate an answer per prompt, streaming tokens to stdout as they come (TextStreamer)."""
+    from nora_cli.export.adapter import attach_adapter, check_adapter_fits, read_adapter
+
+    # the adapter's files first: a broken one fails before torch is even imported
+    checked = None if req.adapter is None else read_adapter(req.adapter, req.allow_pickle)
     import torch
     from transformers import TextStreamer
 
     from nora_cli.data.templates import render_prompt
     from nora_cli.data.text import Example
-    from nora_cli.export.adapter import attach_adapter, check_adapter_fits, read_adapter
     from nora_cli.models import load_causal_lm
 
     device = _device()
     meta: dict[str, Any] = {}
-    if req.adapter is not None:  # its files are checked before the model loads
-        meta = _adapter_meta(req.adapter)
-        check_adapter_fits(read_adapter(req.adapter, req.allow_pickle), req.model)
+    if checked is not None:
+        meta = _adapter_meta(checked.path)
+        check_adapter_fits(checked, req.model)
     model, tokenizer = load_causal_lm(req.model, dtype="bf16" if device == "cuda" else "fp32",
                                       allow_pickle=req.allow_pickle)
     if req.adapter is not None:

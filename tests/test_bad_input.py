@@ -349,6 +349,8 @@ MORE_CASES: dict[str, tuple[Setup, str]] = {
     "sweep-bad-method": (lambda ws: ["sweep", str(ws.recipe()), "--methods", "lora,bogus"], r"bogus"),
     "sweep-bad-seeds": (lambda ws: ["sweep", str(ws.recipe()), "--seeds", "0,x"], r"seed"),
     "sweep-lr-inf": (lambda ws: ["sweep", str(ws.recipe()), "--set", "optimizer.lr=.inf"], r"optimizer\.lr: expected a finite number"),
+    "recipes-show-binary": (lambda ws: ["recipes", "show", str(_bytes(ws, "b.yaml", _BINARY))],
+                            r"recipe .*b\.yaml is not UTF-8 text"),
     "recipes-show-unknown": (lambda ws: ["recipes", "show", "nope"], r"no recipe file or shipped recipe named 'nope'"),
     "recipes-validate-bad-value": (lambda ws: ["recipes", "validate", str(ws.recipe()), "--set", "adapter.r=yes"],
                                    r"adapter\.r: expected a valid integer"),

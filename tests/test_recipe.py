@@ -352,3 +352,14 @@ def test_alias_bomb_is_a_short_error_fast(tmp_path: Path) -> None:
     assert time.perf_counter() - start < 5
     message = str(info.value)
     assert "data.path: expected a valid string" in message and len(message) < 400, message
+
+
+def test_warmup_longer_than_an_epoch_based_run_is_refused() -> None:
+    """With max_steps the schema checks warmup; with epochs the step count is known once the data is."""
+    from nora_cli.recipe import TrainConfig
+    from nora_cli.train.loop import plan_schedule
+
+    cfg = TrainConfig(batch_size=2, micro_batch_size=2, epochs=1, warmup_steps=3)
+    assert plan_schedule(6, cfg, 1).total_steps == 3
+    with pytest.raises(NoraError, match=r"train\.warmup_steps=3 exceeds the run's 2 optimizer steps"):
+        plan_schedule(4, cfg, 1)

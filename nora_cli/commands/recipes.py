@@ -50,9 +50,10 @@ def list_() -> None:
 @app.command("show")
 def show(name: RecipeArg) -> None:
     """Print a recipe's YAML verbatim (redirect it to a file to start your own)."""
+    from nora_cli.errors import read_text
     from nora_cli.recipe import find_recipe
 
-    sys.stdout.write(find_recipe(name).read_text())
+    sys.stdout.write(read_text(find_recipe(name), "recipe"))
 
 
 @app.command("schema")
