@@ -229,7 +229,7 @@ class TrainConfig(_Section):
                 f"({self.micro_batch_size} × {self.num_processes} = {per_step}); change one of them"
             )
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps}); lower warmup_steps")
         return self
 
     @property
