@@ -7,17 +7,96 @@ so `nora --help` stays fast. This is the only module that imports Typer's app ob
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
-from typing import Annotated
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError
+from typer.core import TyperGroup
 
 from nora_cli import __version__
 from nora_cli.commands import evaluate, factorize, merge, recipes, sample, sweep, train
 from nora_cli.errors import NoraError
 from nora_cli.safety import exit_on_sigterm
+
+
+def _usage(err: typer.TyperException) -> str:
+    """Click's usage errors, minus its usage banner and `Error:` prefix (one line, like every other error)."""
+    return err.format_message().replace("Value error, ", "")
+
+
+_USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EROFS,
+                   errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP, errno.EEXIST)
+
+
+def _os_error(err: OSError) -> str | None:
+    """A file the user named cannot be read or written (permissions, missing, a folder, read-only disk)."""
+    if err.errno not in _USER_OS_ERRORS or not err.filename:
+        return None
+    return f"{err.filename}: {err.strerror or err}"
+
+
+def _not_utf8(err: UnicodeDecodeError) -> str:
+    # read sites name the file themselves; this is the net under the ones that do not
+    return f"an input file is not UTF-8 text (byte {err.start}: {err.reason})"
+
+
+#: THE error table: exception type -> one-line message (None: not a user error, let it raise). Every user
+#: error becomes `error: <message>` on stderr and exit code 2; `--debug` (or NORA_DEBUG=1) shows the traceback.
+_ERROR_TABLE: tuple[tuple[type[BaseException], Callable[[Any], str | None]], ...] = (
+    (NoraError, str),
+    (typer.TyperException, _usage),  # typer 0.29's own usage errors (not click's classes)
+    (UnicodeDecodeError, _not_utf8),
+    (OSError, _os_error),
+)
+
+
+def one_line(err: BaseException) -> str | None:
+    """The `error:` line for a user error, or None for a bug (which keeps its traceback)."""
+    for kind, describe in _ERROR_TABLE:
+        if isinstance(err, kind):
+            message = describe(err)
+            return None if message is None else "error: " + " ".join(str(message).split())
+    return None
+
+
+def _debug(args: Sequence[str]) -> bool:
+    """--debug is looked for in the raw arguments: usage errors happen before the option is parsed."""
+    return "--debug" in args or os.environ.get("NORA_DEBUG") == "1"
+
+
+class _NoraGroup(TyperGroup):
+    """Applies the error table in `main`, the entry that both the console script and CliRunner call."""
+
+    def main(self, args: Sequence[str] | None = None, *more: Any, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            rc = super().main(argv, *more, standalone_mode=False, **extra)  # returns typer.Exit codes
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        except typer.Abort:
+            sys.exit(130)
+        except NoArgsIsHelpError:  # bare `nora` / `nora recipes`: the help is already on stdout
+            sys.exit(0)
+        except Exception as err:
+            line = one_line(err)
+            if line is None:
+                raise
+            if _debug(argv):
+                traceback.print_exc()
+            print(line, file=sys.stderr)
+            sys.exit(err.exit_code if isinstance(err, NoraError) else 2)
+        if not standalone_mode:
+            return rc
+        sys.exit(rc if isinstance(rc, int) else 0)
+
 
 app = typer.Typer(
     name="nora",
@@ -26,6 +105,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain click help: Typer's rich panels label every flag `<bool>`, as if it took a value
     add_completion=False,
+    cls=_NoraGroup,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -62,34 +142,9 @@ def _root(
 
 
 def main() -> None:
-    """Run the app; user errors become one stderr line and exit code 2 (tracebacks only with --debug)."""
-    debug = "--debug" in sys.argv or os.environ.get("NORA_DEBUG") == "1"
+    """The console script: run the app; user errors become one stderr line and exit 2 (see `_NoraGroup`)."""
     # bitsandbytes' CPU backend warns on import that an optional hub-downloaded kernel is absent; we never
     # want that kernel (it would fetch from the hub), so keep the warning out of every command's output.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     exit_on_sigterm()  # SIGTERM unwinds (staging dirs are removed) and exits 143
-    try:
-        rc = app(standalone_mode=False)  # click returns (not raises) typer.Exit codes in this mode
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)
-    except NoraError as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as err:  # click usage errors and friends
-        import click
-
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(130)
-        if isinstance(err, click.ClickException):
-            if debug:
-                raise
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    app()

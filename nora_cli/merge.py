@@ -1,7 +1,7 @@
 """Library API of `nora merge`, for the CLI, training and evaluation (implementation in nora_cli.export).
 
     merge_adapter(adapter_dir, out_dir, *, base=None, dtype=None, fmt=None, max_shard_size="5GB",
-                  overwrite=False, verify=False) -> MergeReport
+                  overwrite=False, verify=False, allow_pickle=False) -> MergeReport
     verify_merge(adapter_dir, export_dir, *, base=None, fmt="merged", dtype="fp32") -> VerifyReport
     save_converted_adapter(peft_model, out_dir, initial_adapter_dir) -> Path
 """

@@ -19,15 +19,17 @@ from typing import Annotated, Any, Literal, NamedTuple
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from nora_cli.errors import NoraError
+from nora_cli.errors import NoraError, read_text, shown
 
 Method = Literal["lora", "nora", "lora-p", "nora+"]
 InitName = Literal["lora", "gaussian", "pissa", "olora", "nystrom"]
@@ -37,10 +39,25 @@ _PISSA_NITER = re.compile(r"^pissa_niter_[1-9][0-9]*$")
 _INIT_NAMES: tuple[str, ...] = ("lora", "gaussian", "pissa", "olora", "nystrom")
 
 
-class _Section(BaseModel):
-    """Strict base: a typo in a recipe is an error, never a silently ignored key."""
+def _not_bool(value: Any) -> Any:
+    """YAML 1.1 reads yes/no/on/off as booleans; a number field must not take them as 1/0."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+#: Integers are integers: no 1e30 -> int, no true -> 1 (`--set train.max_steps=true` is an error).
+Int = Annotated[int, Strict()]
+#: Floats take ints and numeric strings (YAML 1.1 reads `1e-4` as a string) but not booleans; never inf/nan
+#: (`allow_inf_nan=False` on every section).
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Beta = Annotated[Float, Field(ge=0, lt=1)]
+
+
+class _Section(BaseModel):
+    """Strict base: a typo in a recipe is an error, never a silently ignored key; numbers are finite."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -74,11 +91,11 @@ TargetModules = list[str] | Literal["all-linear"]
 
 
 class AdapterConfig(_Section):
-    r: int = Field(32, gt=0, description="LoRA rank r (columns of B, rows of A).")
-    alpha: float = Field(
+    r: Int = Field(32, gt=0, description="LoRA rank r (columns of B, rows of A).")
+    alpha: Float = Field(
         64, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."
     )
-    dropout: float = Field(
+    dropout: Float = Field(
         0.05, ge=0, lt=1, description="Dropout on the adapter input, probability in [0, 1)."
     )
     target_modules: TargetModules = Field(
@@ -91,7 +108,7 @@ class AdapterConfig(_Section):
         description="Adapter initialization: lora (B=0, A Kaiming), gaussian, pissa, pissa_niter_K, olora, "
         "nystrom (NoRA). null: chosen by `method`.",
     )
-    sigma: float = Field(
+    sigma: Float = Field(
         0.1, gt=0, description="NoRA: std of the Gaussian sketch used by the Nyström init (paper's sigma)."
     )
     side: Literal["output", "input"] = Field(
@@ -107,7 +124,7 @@ class AdapterConfig(_Section):
         if isinstance(value, str):  # a single name is a common shorthand
             return [value]
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-            raise ValueError(f"expected a non-empty list of module names or 'all-linear', got {value!r}")
+            raise ValueError(f"expected a non-empty list of module names or 'all-linear', got {shown(value)}")
         return value
 
     @field_validator("init", mode="before")
@@ -115,19 +132,19 @@ class AdapterConfig(_Section):
     def _check_init(cls, value: Any) -> Any:
         if value is None or value in _INIT_NAMES or (isinstance(value, str) and _PISSA_NITER.match(value)):
             return value
-        hint = difflib.get_close_matches(str(value), _INIT_NAMES, n=1)
+        hint = difflib.get_close_matches(value, _INIT_NAMES, n=1) if isinstance(value, str) else []
         did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
         raise ValueError(
-            f"expected one of {', '.join(_INIT_NAMES)}, pissa_niter_K or null, got {value!r}{did_you_mean}"
+            f"expected one of {', '.join(_INIT_NAMES)}, pissa_niter_K or null, got {shown(value)}{did_you_mean}"
         )
 
 
 class OptimizerConfig(_Section):
     name: Literal["adamw", "sgd"] = Field("adamw", description="Base optimizer (torch.optim).")
-    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW) / L2 (SGD).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2).")
-    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum in [0, 1).")
+    lr: Float = Field(3e-4, gt=0, description="Peak learning rate.")
+    weight_decay: Float = Field(0.0, ge=0, description="Decoupled weight decay (AdamW) / L2 (SGD).")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1).")
+    momentum: Float = Field(0.0, ge=0, lt=1, description="SGD momentum in [0, 1).")
     precondition: Precondition | None = Field(
         None,
         description="Gradient preconditioner: none, or scaled-gd (ScaledGD on the B/A pair). null: from `method`.",
@@ -135,7 +152,7 @@ class OptimizerConfig(_Section):
     normalize: bool | None = Field(
         None, description="Normalize the preconditioned step (NoRA+). null: from `method`."
     )
-    damping: float = Field(1e-6, ge=0, description="Ridge added to BᵀB / AAᵀ before inverting in ScaledGD.")
+    damping: Float = Field(1e-6, ge=0, description="Ridge added to BᵀB / AAᵀ before inverting in ScaledGD.")
 
 
 class DataConfig(_Section):
@@ -156,12 +173,12 @@ class DataConfig(_Section):
     train_on_inputs: bool = Field(
         True, description="Compute the loss on prompt tokens too (LLM-Adapters default)."
     )
-    cutoff_len: int = Field(256, gt=0, description="Maximum tokens per example; longer ones are truncated.")
+    cutoff_len: Int = Field(256, gt=0, description="Maximum tokens per example; longer ones are truncated.")
     add_eos: bool = Field(True, description="Append the EOS token to each training example.")
-    val_set_size: int = Field(
+    val_set_size: Int = Field(
         0, ge=0, description="Examples held out from training for validation loss (0: none)."
     )
-    max_samples: int | None = Field(
+    max_samples: Int | None = Field(
         None, gt=0, description="Use only the first N examples (after shuffling)."
     )
     shuffle: bool = Field(
@@ -170,33 +187,38 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: float = Field(1, gt=0, description="Passes over the training set (fractions allowed).")
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides `epochs` when set.")
-    batch_size: int = Field(
+    epochs: Float = Field(1, gt=0, description="Passes over the training set (fractions allowed).")
+    max_steps: Int | None = Field(None, gt=0, description="Optimizer steps; overrides `epochs` when set.")
+    batch_size: Int = Field(
         8, gt=0, description="Global batch: examples per optimizer step, across processes."
     )
-    micro_batch_size: int = Field(8, gt=0, description="Examples per forward pass per process.")
+    micro_batch_size: Int = Field(8, gt=0, description="Examples per forward pass per process.")
     lr_schedule: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="Decay after warmup: linear to 0, cosine to 0, or constant."
     )
-    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+    warmup_steps: Int = Field(0, ge=0, description="Optimizer steps of linear warmup from 0.")
+    max_grad_norm: Float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="Autocast dtype for forward/backward (accelerate mixed_precision)."
     )
-    log_steps: int = Field(1, gt=0, description="Write metrics every N optimizer steps.")
-    eval_steps: int | None = Field(
+    log_steps: Int = Field(1, gt=0, description="Write metrics every N optimizer steps.")
+    eval_steps: Int | None = Field(
         None, gt=0, description="Validation loss every N optimizer steps (null: never)."
     )
-    save_steps: int | None = Field(
+    save_steps: Int | None = Field(
         None, gt=0, description="Checkpoint every N optimizer steps (null: only when SIGINT/SIGTERM stops the run)."
     )
-    keep_last: int | None = Field(2, gt=0, description="Keep the newest N checkpoints (null: keep all).")
+    keep_last: Int | None = Field(2, gt=0, description="Keep the newest N checkpoints (null: keep all).")
     save_best: bool = Field(False, description="Also keep the checkpoint with the lowest validation loss.")
     nan_policy: Literal["stop", "skip"] = Field(
         "stop", description="On a non-finite loss: stop with an error, or skip that step."
     )
-    num_processes: int = Field(1, gt=0, description="Data-parallel processes (accelerate launch).")
+    num_processes: Int = Field(1, gt=0, description="Data-parallel processes (accelerate launch).")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as False
 
     @model_validator(mode="after")
     def _check_batch(self) -> TrainConfig:
@@ -206,6 +228,8 @@ class TrainConfig(_Section):
                 f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size × num_processes "
                 f"({self.micro_batch_size} × {self.num_processes} = {per_step}); change one of them"
             )
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps}); lower warmup_steps")
         return self
 
     @property
@@ -223,8 +247,8 @@ class EvalConfig(_Section):
         description="llm-adapters: greedy generation + answer extraction as in LLM-Adapters; "
         "loglikelihood: pick the highest-likelihood choice.",
     )
-    limit: int | None = Field(None, gt=0, description="Evaluate only the first N examples per task.")
-    batch_size: int = Field(16, gt=0, description="Prompts per generation/scoring batch.")
+    limit: Int | None = Field(None, gt=0, description="Evaluate only the first N examples per task.")
+    batch_size: Int = Field(16, gt=0, description="Prompts per generation/scoring batch.")
     data: dict[str, str] = Field(
         {},
         description="Task name -> test file path (relative to the recipe file), overriding the default location.",
@@ -259,10 +283,8 @@ METHOD_PRESETS: dict[str, MethodPreset] = {
 UNET_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-class DreamBoothConfig(BaseModel):
+class DreamBoothConfig(_Section):
     """The `dreambooth:` recipe section (task: dreambooth)."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
     instance_data_dir: str = Field(
         description="Folder of subject photos (jpg/png/webp). Relative paths resolve against the recipe file."
@@ -272,25 +294,25 @@ class DreamBoothConfig(BaseModel):
                                      "needed with prior preservation.")
     class_data_dir: str | None = Field(None, description="Folder of class images; missing ones are generated "
                                        "with the base pipeline. Needed with prior preservation.")
-    num_class_images: int = Field(100, gt=0, description="Class images to use (and generate if fewer exist).")
-    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class-image (prior) loss.")
+    num_class_images: Int = Field(100, gt=0, description="Class images to use (and generate if fewer exist).")
+    prior_loss_weight: Float = Field(1.0, ge=0, description="Weight of the class-image (prior) loss.")
     with_prior_preservation: bool = Field(False, description="Add the prior-preservation loss on class images.")
-    resolution: int = Field(512, gt=0, description="Training image side in pixels (a multiple of 8 for SD).")
+    resolution: Int = Field(512, gt=0, description="Training image side in pixels (a multiple of 8 for SD).")
     center_crop: bool = Field(True, description="Center crop to the square; false: random crop.")
     random_flip: bool = Field(False, description="Flip images horizontally with probability 0.5.")
     train_text_encoder: bool = Field(False, description="Also train LoRA on the text encoder "
                                      "(q_proj, k_proj, v_proj, out_proj).")
     validation_prompts: list[str] = Field([], description="Prompts sampled into out/validation/step_NNNN.png.")
-    validation_steps: int | None = Field(None, gt=0, description="Sample validation images every N optimizer "
+    validation_steps: Int | None = Field(None, gt=0, description="Sample validation images every N optimizer "
                                          "steps and at the last step (null: every train.eval_steps; neither: only "
                                          "the last step).")
-    num_validation_images: int = Field(4, gt=0, description="Images per validation prompt (one grid row).")
-    validation_seed: int = Field(0, description="Seed for validation images, so every step shows the same noise.")
-    validation_inference_steps: int = Field(25, gt=0, description="DPM-Solver++ denoising steps per validation "
+    num_validation_images: Int = Field(4, gt=0, description="Images per validation prompt (one grid row).")
+    validation_seed: Int = Field(0, ge=0, lt=2**32, description="Seed for validation images, so every step shows the same noise.")
+    validation_inference_steps: Int = Field(25, gt=0, description="DPM-Solver++ denoising steps per validation "
                                             "image (class images use the same).")
     cache_latents: bool = Field(False, description="Encode every image with the VAE once, then sample the cached "
                                 "latent distribution each step (crop/flip are then fixed at caching time).")
-    snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-γ loss weighting (5.0 is the usual value; "
+    snr_gamma: Float | None = Field(None, gt=0, description="Min-SNR-γ loss weighting (5.0 is the usual value; "
                                     "null: plain MSE).")
 
     @model_validator(mode="after")
@@ -311,7 +333,7 @@ class Recipe(_Section):
         "nora+: Nyström init + normalized ScaledGD. Explicit adapter.init / optimizer.* keys override.",
     )
     task: Literal["causal-lm", "dreambooth"] = Field("causal-lm", description="What is being finetuned.")
-    seed: int = Field(0, description="Seed for init sketches, data shuffling and dropout.")
+    seed: Int = Field(0, ge=0, lt=2**32, description="Seed for init sketches, data shuffling and dropout, in [0, 2³²).")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="LoRA adapter shape and init.")
     optimizer: OptimizerConfig = Field(
@@ -436,21 +458,35 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
                 evaluation["data"][task] = _absolute(value, base)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice is an error (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {shown(key)}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    text = read_text(path, "recipe")
+    loader = _RecipeLoader(text)
     try:
-        text = path.read_text()
-    except OSError as err:
-        raise NoraError(f"cannot read recipe {path}: {err.strerror}") from None
-    try:
-        tree = yaml.safe_load(text)
+        tree = loader.get_single_data()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise NoraError(f"{where}: invalid YAML: {err.problem or err.context}") from None
     except yaml.YAMLError as err:
         raise NoraError(f"{path}: invalid YAML: {err}") from None
-    if tree is None:
-        return {}
+    finally:
+        loader.dispose()
+    if tree is None:  # an empty file would otherwise train 250 steps of defaults into out/run
+        raise NoraError(f"recipe {path} is empty; start from `nora recipes show smollm2-135m-demo`")
     if not isinstance(tree, dict):
         raise NoraError(f"{path}: a recipe must be a YAML mapping of sections, got {type(tree).__name__}")
     return tree
@@ -483,7 +519,7 @@ def _merge(into: dict[str, Any], update: dict[str, Any], trail: str = "") -> Non
             _merge(current, value, f"{here}.")
         elif isinstance(value, dict) and current is not None:
             raise NoraError(
-                f"bad --set {here}.{next(iter(value))}: {here} is a value ({current!r}), not a section"
+                f"bad --set {here}.{next(iter(value))}: {here} is a value ({shown(current)}), not a section"
             )
         else:
             into[key] = value
@@ -509,23 +545,23 @@ def _format_error(err: dict[str, Any]) -> str:
         valid = _field_names(loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
-        return f"unknown key {dotted!r}{hint} (valid here: {', '.join(valid)})"
+        return f"unknown key {shown(dotted)}{hint} (valid here: {', '.join(valid)})"
     msg = str(err["msg"])
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
         return f"{dotted}: {msg}" if dotted else msg
     if err["type"] == "missing" and loc and isinstance(loc[-1], int):  # short tuple, e.g. betas: [0.9]
         parent = dotted.rsplit("[", 1)[0]
-        return f"{parent}: too few values, got {err['input']!r}"
+        return f"{parent}: too few values, got {shown(err['input'])}"
     msg = re.sub(r"^Input should be (?=greater|less)", "expected a value ", msg)
     msg = msg.replace("Input should be ", "expected ")
     hint = ""
     if err["type"] == "literal_error":
         expected = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
-        close = difflib.get_close_matches(str(err["input"]), expected, n=1)
+        close = difflib.get_close_matches(err["input"], expected, n=1) if isinstance(err["input"], str) else []
         hint = f"; did you mean {close[0]!r}?" if close else ""
-    shown = "a mapping" if isinstance(err["input"], dict) else repr(err["input"])
-    return f"{dotted or 'recipe'}: {msg}, got {shown}{hint}"
+    given = "a mapping" if isinstance(err["input"], dict) else shown(err["input"])
+    return f"{dotted or 'recipe'}: {msg}, got {given}{hint}"
 
 
 def validate_recipe(tree: dict[str, Any], source: str = "recipe") -> Recipe:

@@ -204,6 +204,10 @@ class TextRequest:
 
 def sample_text(req: TextRequest) -> list[str]:
     """Generate an answer per prompt, streaming tokens to stdout as they come (TextStreamer)."""
+    from nora_cli.export.adapter import attach_adapter, check_adapter_fits, read_adapter
+
+    # the adapter's files first: a broken one fails before torch is even imported
+    checked = None if req.adapter is None else read_adapter(req.adapter, req.allow_pickle)
     import torch
     from transformers import TextStreamer
 
@@ -212,17 +216,14 @@ def sample_text(req: TextRequest) -> list[str]:
     from nora_cli.models import load_causal_lm
 
     device = _device()
+    meta: dict[str, Any] = {}
+    if checked is not None:
+        meta = _adapter_meta(checked.path)
+        check_adapter_fits(checked, req.model)
     model, tokenizer = load_causal_lm(req.model, dtype="bf16" if device == "cuda" else "fp32",
                                       allow_pickle=req.allow_pickle)
-    meta: dict[str, Any] = {}
     if req.adapter is not None:
-        from peft import PeftModel
-
-        meta = _adapter_meta(req.adapter)
-        try:
-            model = PeftModel.from_pretrained(model, str(req.adapter))
-        except (ValueError, KeyError, OSError) as err:
-            raise NoraError(f"cannot load adapter {req.adapter}: {str(err).splitlines()[0]}") from err
+        model = attach_adapter(model, req.adapter, req.model)
     model.to(device).eval()
     template = req.template or meta.get("prompt_template") or ("chat" if tokenizer.chat_template else "none")
     answers = []

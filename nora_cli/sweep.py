@@ -281,7 +281,8 @@ def run_one(spec: SweepSpec, variant: Variant, seed: int) -> str:
         if model is None:  # trained by an earlier, interrupted sweep: the adapter on disk is the run
             from nora_cli.evaluate import load_for_eval
 
-            model = load_for_eval(adapter=run_dir, dtype=recipe.model.dtype).model
+            model = load_for_eval(adapter=run_dir, dtype=recipe.model.dtype,
+                                  allow_pickle=recipe.model.allow_pickle).model
         _evaluate(model, recipe, run_dir, spec.eval)
         timing["eval_seconds"] = time.perf_counter() - start
     timing_path.write_text(json.dumps(timing) + "\n")

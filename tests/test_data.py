@@ -421,3 +421,28 @@ def test_sst2_format_matches_the_fewshot_prompt() -> None:
     assert [e.output for e in examples] == ["a gripping film It was great", "dull It was terrible"]
     with pytest.raises(NoraError, match="sst2 label"):
         normalize_records([{"sentence": "x", "label": 7}], "sst2")
+
+
+@pytest.mark.parametrize(("records", "message"), [
+    ([{"instruction": "a", "input": "", "output": "b"}, {"instruction": {"x": 1}, "input": "", "output": "c"}],
+     r"record 1: field 'instruction' is a mapping, expected text"),
+    ([{"instruction": "a", "input": ["x"], "output": "b"}], r"record 0: field 'input' is a list, expected text"),
+    ([{"instruction": "a", "input": "", "output": ""}, {"instruction": "b", "input": "", "output": " "}],
+     r"every record's output is empty \(records 0-1\)"),
+])
+def test_nested_fields_and_all_empty_outputs_are_errors(records: list, message: str) -> None:
+    with pytest.raises(NoraError, match=message):
+        normalize_records(records, "alpaca")
+
+
+def test_csv_loads_and_unknown_formats_say_unsupported(tmp_path: Path) -> None:
+    (tmp_path / "d.csv").write_text('instruction,input,output\n"Say ""hi"", please",,hi\nCount,1 2,3\n')
+    assert load_records(str(tmp_path / "d.csv")) == [
+        {"instruction": 'Say "hi", please', "input": "", "output": "hi"},
+        {"instruction": "Count", "input": "1 2", "output": "3"}]
+    (tmp_path / "d.tsv").write_text("a\tb\n")
+    with pytest.raises(NoraError, match=r"unsupported data file format '\.tsv'.*expected \.json, \.jsonl"):
+        load_records(str(tmp_path / "d.tsv"))
+    (tmp_path / "bin.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(NoraError, match=r"dataset file .*bin\.json is not UTF-8 text"):
+        load_records(str(tmp_path / "bin.json"))

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -203,7 +204,7 @@ def test_relative_paths_resolve_against_recipe_file(tmp_path: Path, monkeypatch:
 BAD = {
     "unknown-top": ("methd: nora\n", [], ["unknown key 'methd'", "did you mean 'method'?"]),
     "unknown-nested": ("train:\n  max_step: 3\n", [], ["unknown key 'train.max_step'", "'train.max_steps'"]),
-    "unknown-via-set": ("", ["adapter.rnk=4"], ["unknown key 'adapter.rnk'", "did you mean 'adapter.r'?"]),
+    "unknown-via-set": ("method: nora\n", ["adapter.rnk=4"], ["unknown key 'adapter.rnk'", "did you mean 'adapter.r'?"]),
     "wrong-type": ("train:\n  max_steps: ten\n", [], ["train.max_steps:", "integer", "got 'ten'"]),
     "out-of-range": ("adapter:\n  r: 0\n", [], ["adapter.r:", "greater than 0", "got 0"]),
     "dropout-range": ("adapter:\n  dropout: 1.0\n", [], ["adapter.dropout:", "less than 1", "got 1.0"]),
@@ -231,9 +232,18 @@ BAD = {
     ),
     "dreambooth": ("task: dreambooth\n", [], ["task 'dreambooth' needs a `dreambooth:` section"]),
     "not-a-mapping": ("- a\n- b\n", [], ["a recipe must be a YAML mapping", "got list"]),
-    "set-syntax": ("", ["train.max_steps"], ["bad --set 'train.max_steps'", "KEY=VALUE"]),
-    "set-empty-key": ("", ["train..x=1"], ["bad --set 'train..x=1'"]),
+    "set-syntax": ("method: nora\n", ["train.max_steps"], ["bad --set 'train.max_steps'", "KEY=VALUE"]),
+    "set-empty-key": ("method: nora\n", ["train..x=1"], ["bad --set 'train..x=1'"]),
     "set-into-value": ("seed: 3\n", ["seed.x=1"], ["bad --set seed.x", "seed is a value (3), not a section"]),
+    "empty-file": ("", ["train.max_steps=5"], ["r.yaml is empty"]),
+    "comments-only": ("# nothing here\n", [], ["r.yaml is empty"]),
+    "duplicate-key": ("optimizer:\n  lr: 0.1\noptimizer:\n  lr: 0.2\n", [], ["r.yaml:3: invalid YAML: duplicate key 'optimizer'"]),
+    "infinite-lr": ("optimizer:\n  lr: .inf\n", [], ["optimizer.lr: expected a finite number, got inf"]),
+    "bool-rank": ("adapter:\n  r: yes\n", [], ["adapter.r: expected a valid integer, got True"]),
+    "float-steps": ("train:\n  max_steps: 1.0e+30\n", [], ["train.max_steps: expected a valid integer, got 1e+30"]),
+    "beta-range": ("optimizer:\n  betas: [0.9, 1.5]\n", [], ["optimizer.betas[1]: expected a value less than 1"]),
+    "seed-range": ("seed: 4294967296\n", [], ["seed: expected a value less than 4294967296"]),
+    "warmup-over-steps": ("train:\n  max_steps: 5\n  warmup_steps: 6\n", [], ["warmup_steps (6) exceeds max_steps (5)"]),
 }
 
 
@@ -321,3 +331,35 @@ def test_real_binary_exit_code(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "must be a multiple of micro_batch_size" in proc.stderr
+
+
+def test_yaml_1_1_no_means_no(tmp_path: Path) -> None:
+    """`mixed_precision: no` is the string "no" (YAML 1.1 would read False), `true` is still an error."""
+    assert load_recipe(str(_write(tmp_path, "train:\n  mixed_precision: no\n"))).train.mixed_precision == "no"
+    with pytest.raises(NoraError, match="train.mixed_precision"):
+        load_recipe(str(_write(tmp_path, "train:\n  mixed_precision: yes\n")))
+
+
+def test_alias_bomb_is_a_short_error_fast(tmp_path: Path) -> None:
+    """A billion-laughs recipe (9^9 strings by reference) fails in well under a second with a short line."""
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    path = _write(tmp_path, "\n".join([*lines, "data:", "  path: *i", ""]))
+    start = time.perf_counter()
+    with pytest.raises(NoraError) as info:
+        load_recipe(str(path))
+    assert time.perf_counter() - start < 5
+    message = str(info.value)
+    assert "data.path: expected a valid string" in message and len(message) < 400, message
+
+
+def test_warmup_longer_than_an_epoch_based_run_is_refused() -> None:
+    """With max_steps the schema checks warmup; with epochs the step count is known once the data is."""
+    from nora_cli.recipe import TrainConfig
+    from nora_cli.train.loop import plan_schedule
+
+    cfg = TrainConfig(batch_size=2, micro_batch_size=2, epochs=1, warmup_steps=3)
+    assert plan_schedule(6, cfg, 1).total_steps == 3
+    with pytest.raises(NoraError, match=r"train\.warmup_steps=3 exceeds the run's 2 optimizer steps"):
+        plan_schedule(4, cfg, 1)

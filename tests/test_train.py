@@ -163,7 +163,7 @@ def test_real_smollm2_adapter_loads_with_vanilla_peft(tmp_path: Path, smollm2_di
     recipe = load_recipe(
         "smollm2-135m-commonsense",
         [f"data.path={shared / 'data/commonsense/ARC-Easy/train.json'}", "data.max_samples=16", "data.cutoff_len=64",
-         "train.max_steps=2", "train.batch_size=4", "train.micro_batch_size=4", "train.save_steps=null",
+         "train.max_steps=2", "train.warmup_steps=0", "train.batch_size=4", "train.micro_batch_size=4", "train.save_steps=null",
          "train.eval_steps=null", "data.val_set_size=0", "adapter.r=4", "adapter.dropout=0.0",
          f"output.dir={tmp_path / 'out'}"],
     )

@@ -62,6 +62,8 @@ def evaluate(
                                                 "written beside it.")] = None,
     recipe: Annotated[str | None, typer.Option("--recipe", help="Recipe file or name: its model, output.dir "
                                                "adapter and eval section are the defaults.")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Also load pickled .bin adapters/bases "
+                                               "(weights_only=True).")] = False,
 ) -> None:
     from rich.console import Console
 
@@ -82,7 +84,8 @@ def evaluate(
                                 "first, or pass --adapter/--merged")
         tasks = tasks or list(r.eval.tasks)
         settings = {"protocol": r.eval.protocol, "limit": r.eval.limit, "batch_size": r.eval.batch_size,
-                    "data": dict(r.eval.data), "dtype": r.model.dtype}
+                    "data": dict(r.eval.data), "dtype": r.model.dtype,
+                    "allow_pickle": r.model.allow_pickle}
     if not tasks:
         raise NoraError("pass --task T[,T...] (or a --recipe with eval.tasks)")
     results = run_evaluation(
@@ -99,6 +102,7 @@ def evaluate(
         batch_size=batch_size or settings.get("batch_size", 8),
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
+        allow_pickle=allow_pickle or bool(settings.get("allow_pickle")),
     )
     console = Console()
     console.print(results_table(results))

@@ -25,12 +25,15 @@ def merge(
     ] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest weight file, e.g. 5GB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out (atomically).")] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Also load pickled .bin adapters/bases (weights_only=True).")
+    ] = False,
 ) -> None:
     from nora_cli.merge import merge_adapter
 
     report = merge_adapter(
         adapter, out, base=base, dtype=dtype, fmt=fmt, max_shard_size=max_shard_size, overwrite=overwrite,
-        verify=verify,
+        verify=verify, allow_pickle=allow_pickle,
     )
     for line in report.lines():
         print(line)

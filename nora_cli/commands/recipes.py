@@ -8,8 +8,6 @@ from typing import Annotated
 
 import typer
 
-from nora_cli.errors import NoraError
-
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 SetOption = Annotated[
@@ -25,15 +23,6 @@ SetOption = Annotated[
 RecipeArg = Annotated[
     str, typer.Argument(help="Recipe YAML path, or a shipped recipe name (see `nora recipes list`).")
 ]
-
-
-def _fail(err: NoraError) -> SystemExit:
-    """Report a user error the way `nora` does (one stderr line, exit 2), also under CliRunner.
-
-    SystemExit rather than typer.Exit: with standalone_mode=False (cli.main) click turns typer.Exit
-    into a return value, which would lose the exit code."""
-    print(f"error: {err}", file=sys.stderr)
-    return SystemExit(err.exit_code)
 
 
 @app.command("list")
@@ -61,13 +50,10 @@ def list_() -> None:
 @app.command("show")
 def show(name: RecipeArg) -> None:
     """Print a recipe's YAML verbatim (redirect it to a file to start your own)."""
+    from nora_cli.errors import read_text
     from nora_cli.recipe import find_recipe
 
-    try:
-        path = find_recipe(name)
-    except NoraError as err:
-        raise _fail(err) from None
-    sys.stdout.write(path.read_text())
+    sys.stdout.write(read_text(find_recipe(name), "recipe"))
 
 
 @app.command("schema")
@@ -88,11 +74,8 @@ def validate(name: RecipeArg, overrides: SetOption = None) -> None:
     from nora_cli.recipe import load_recipe, recipe_to_yaml
     from nora_cli.train import check_model_exists
 
-    try:
-        recipe = load_recipe(name, overrides or [])
-        checked = [check_model_exists(recipe.model.source, recipe.model.gguf_file), check_data(recipe)]
-    except NoraError as err:
-        raise _fail(err) from None
+    recipe = load_recipe(name, overrides or [])
+    checked = [check_model_exists(recipe.model.source, recipe.model.gguf_file), check_data(recipe)]
     sys.stdout.write(recipe_to_yaml(recipe))
     for line in checked:
         print(f"ok: {line}", file=sys.stderr)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from nora_cli.errors import NoraError
+from nora_cli.errors import NoraError, read_text
 
 #: flags that apply to one kind of output only
 _IMAGE_ONLY = ("--num-images", "--steps", "--guidance", "--negative-prompt", "--scheduler", "--lora-scale",
@@ -50,44 +50,38 @@ def sample(
              "--scheduler": scheduler, "--lora-scale": lora_scale, "--height": height, "--width": width, "--out": out,
              "--template": template, "--temperature": temperature, "--top-p": top_p,
              "--max-new-tokens": max_new_tokens}
-    try:
-        from nora_cli import sample as lib
+    from nora_cli import sample as lib
 
-        prompts = _prompts(prompt, prompt_file)
-        kind = lib.detect_kind(model, adapter)
-        _check_options(kind, given)
-        base = lib.base_model(model, adapter)
-        if kind == "images":
-            _check_image_options(scheduler, lora_scale, adapter, num_images, steps, height, width)
-            request = lib.ImageRequest(
-                model=base, adapter=adapter, prompts=prompts, out_dir=out or Path("samples"),
-                num_images=num_images or 4, seed=seed, steps=steps or 30,
-                guidance=7.5 if guidance is None else guidance, negative_prompt=negative_prompt,
-                scheduler=scheduler, lora_scale=1.0 if lora_scale is None else lora_scale,
-                height=height, width=width, allow_pickle=allow_pickle,
-            )
-            for record in lib.sample_images(request):
-                print(request.out_dir / record.file)
-            print(request.out_dir / "grid.png")
-        else:
-            _check_text_options(template, temperature, top_p, max_new_tokens)
-            lib.sample_text(lib.TextRequest(
-                model=base, adapter=adapter, prompts=prompts, template=template,
-                max_new_tokens=max_new_tokens or 256, temperature=temperature or 0.0,
-                top_p=1.0 if top_p is None else top_p, seed=seed, allow_pickle=allow_pickle,
-            ))
-    except NoraError as err:  # also under CliRunner, which bypasses cli.main's error table
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(err.exit_code) from None
+    prompts = _prompts(prompt, prompt_file)
+    kind = lib.detect_kind(model, adapter)
+    _check_options(kind, given)
+    base = lib.base_model(model, adapter)
+    if kind == "images":
+        _check_image_options(scheduler, lora_scale, guidance, adapter, num_images, steps, height, width)
+        request = lib.ImageRequest(
+            model=base, adapter=adapter, prompts=prompts, out_dir=out or Path("samples"),
+            num_images=num_images or 4, seed=seed, steps=steps or 30,
+            guidance=7.5 if guidance is None else guidance, negative_prompt=negative_prompt,
+            scheduler=scheduler, lora_scale=1.0 if lora_scale is None else lora_scale,
+            height=height, width=width, allow_pickle=allow_pickle,
+        )
+        for record in lib.sample_images(request):
+            print(request.out_dir / record.file)
+        print(request.out_dir / "grid.png")
+    else:
+        _check_text_options(template, temperature, top_p, max_new_tokens)
+        lib.sample_text(lib.TextRequest(
+            model=base, adapter=adapter, prompts=prompts, template=template,
+            max_new_tokens=max_new_tokens or 256, temperature=temperature or 0.0,
+            top_p=1.0 if top_p is None else top_p, seed=seed, allow_pickle=allow_pickle,
+        ))
 
 
 def _prompts(prompt: list[str] | None, prompt_file: Path | None) -> list[str]:
     prompts = list(prompt or [])
     if prompt_file is not None:
-        try:
-            prompts += [line.strip() for line in prompt_file.read_text().splitlines() if line.strip()]
-        except OSError as err:
-            raise NoraError(f"cannot read prompt file {prompt_file}: {err.strerror}") from None
+        text = read_text(prompt_file, "prompt file")
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise NoraError("give at least one --prompt or a --prompt-file")
     return prompts
@@ -103,12 +97,12 @@ def _check_options(kind: str, given: dict[str, object]) -> None:
 
 def _positive(**values: float | None) -> None:
     for name, value in values.items():
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:  # nan too
             raise NoraError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
-def _check_image_options(scheduler: str | None, lora_scale: float | None, adapter: Path | None,
-                         num_images: int | None, steps: int | None, height: int | None, width: int | None) -> None:
+def _check_image_options(scheduler: str | None, lora_scale: float | None, guidance: float | None,
+                         adapter: Path | None, num_images: int | None, steps: int | None, height: int | None, width: int | None) -> None:
     from nora_cli.sample import SCHEDULERS
 
     if scheduler is not None and scheduler not in SCHEDULERS:
@@ -116,6 +110,9 @@ def _check_image_options(scheduler: str | None, lora_scale: float | None, adapte
     if lora_scale is not None and adapter is None:
         raise NoraError("--lora-scale needs --adapter")
     _positive(num_images=num_images, steps=steps, height=height, width=width)
+    for flag, number in (("--guidance", guidance), ("--lora-scale", lora_scale)):
+        if number is not None and not math.isfinite(number):
+            raise NoraError(f"{flag} must be a finite number, got {number}")
     for flag, value in (("--height", height), ("--width", width)):
         if value is not None and value % 8:
             raise NoraError(f"{flag} must be a multiple of 8 (the VAE downsamples by 8), got {value}")
@@ -128,7 +125,7 @@ def _check_text_options(template: str | None, temperature: float | None, top_p: 
     _positive(max_new_tokens=max_new_tokens, top_p=top_p)
     if top_p is not None and top_p > 1:
         raise NoraError(f"--top-p must be in (0, 1], got {top_p}")
-    if temperature is not None and temperature < 0:
-        raise NoraError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature is not None and not 0 <= temperature < math.inf:
+        raise NoraError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if template is not None and template not in TEMPLATES:
         raise NoraError(f"unknown --template {template!r}; expected {', '.join(TEMPLATES)}")

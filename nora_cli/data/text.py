@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nora_cli.data.templates import render
-from nora_cli.errors import NoraError
+from nora_cli.errors import NoraError, read_text
 
 if TYPE_CHECKING:
     import torch
@@ -45,11 +45,18 @@ class MissingKey(NoraError):
         self.key = key
 
 
+def _scalar(key: str, value: Any) -> str:
+    """A field as text; a dict or list is an error (its str() would silently become training text)."""
+    if isinstance(value, dict | list):
+        raise NoraError(f"field {key!r} is a {'list' if isinstance(value, list) else 'mapping'}, expected text")
+    return str(value)
+
+
 def _get(record: dict, *keys: str) -> str:
     """The first present, non-null key as text ('question|query' style alternatives)."""
     for key in keys:
         if record.get(key) is not None:
-            return str(record[key])
+            return _scalar(key, record[key])
     raise MissingKey("|".join(keys))
 
 
@@ -58,9 +65,9 @@ def _alpaca(record: dict) -> Example:
     answer = record.get("answer")
     return Example(
         instruction=_get(record, "instruction"),
-        input=str(record.get("input") or ""),
+        input=_scalar("input", record.get("input") or ""),
         output=_get(record, "output"),
-        answer=None if answer is None else str(answer),
+        answer=None if answer is None else _scalar("answer", answer),
     )
 
 
@@ -135,6 +142,9 @@ def normalize_records(records: Sequence[dict], fmt: str) -> list[Example]:
                             f"(it has: {', '.join(map(str, record)) or 'no keys'})") from None
         except NoraError as err:
             raise NoraError(f"format {fmt!r}: record {index}: {err}") from None
+    if examples and not any(e.output.strip() or e.messages for e in examples):
+        raise NoraError(f"format {fmt!r}: every record's output is empty (records 0-{len(examples) - 1}): "
+                        "there is nothing to learn")
     return examples
 
 
@@ -142,7 +152,7 @@ def normalize_records(records: Sequence[dict], fmt: str) -> list[Example]:
 
 
 def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "dataset file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -170,7 +180,18 @@ def _parse_jsonl(path: Path, text: str) -> list[dict]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    return _parse_jsonl(path, path.read_text(encoding="utf-8"))
+    return _parse_jsonl(path, read_text(path, "dataset file"))
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """A CSV file with a header row (every value is text, as `datasets`' csv loader would give)."""
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(read_text(path, "dataset file"), newline="")))
+    if rows and None in rows[0]:
+        raise NoraError(f"{path}: row 1 has more values than the header has columns")
+    return rows
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -187,6 +208,7 @@ READERS: dict[str, Callable[[Path], list[dict]]] = {
     ".json": _read_json,
     ".jsonl": _read_jsonl,
     ".parquet": _read_parquet,
+    ".csv": _read_csv,
 }
 
 
@@ -202,7 +224,7 @@ def _load_hub(name: str, split: str) -> list[dict]:
 
 
 def load_records(source: str, *, split: str = "train", base_dir: Path | None = None) -> list[dict]:
-    """Raw records from a .json/.jsonl/.parquet file, a hub dataset, or `builtin:demo[-test]`.
+    """Raw records from a .json/.jsonl/.parquet/.csv file, a hub dataset, or `builtin:demo[-test]`.
 
     Relative paths resolve against `base_dir` (the recipe's folder) when given. `split` selects
     the hub split and the built-in demo split; a local file is a single split.
@@ -223,8 +245,11 @@ def load_records(source: str, *, split: str = "train", base_dir: Path | None = N
         return reader(path)
     if path.is_dir():  # a local dataset folder: datasets knows every layout
         return _load_hub(str(path), split)
+    if path.is_file():
+        raise NoraError(f"unsupported data file format {path.suffix or '(no suffix)'!r}: {path}; "
+                        f"expected {', '.join(READERS)}")
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise NoraError(f"dataset not found: {path} (expected a .json, .jsonl or .parquet file)")
+        raise NoraError(f"dataset not found: {path} (expected a {', '.join(READERS)} file)")
     return _load_hub(source, split)
 
 

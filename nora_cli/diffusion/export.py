@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nora_cli.errors import NoraError
+from nora_cli.errors import NoraError, read_json
 
 if TYPE_CHECKING:
     import torch
@@ -123,7 +123,8 @@ def adapter_base(adapter_dir: str | Path) -> str:
         if meta.get(key):
             return str(meta[key])
     for path in _component_dirs(adapter_dir).values():
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        config = read_json(path / "adapter_config.json", "adapter config")
+        base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
         if base:
             return str(base)
     raise NoraError(f"cannot tell the base model of {adapter_dir}; pass it explicitly (--model / --base)")

@@ -9,13 +9,12 @@ schema).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from nora_cli.errors import NoraError
+from nora_cli.errors import NoraError, read_json
 from nora_cli.evaluate import fewshot
 from nora_cli.evaluate.report import average, progress_bar, summarize, write_outputs
 from nora_cli.evaluate.tasks import Task, default_data_path, get_task, item_labels, load_records
@@ -219,10 +218,10 @@ class LoadedModel:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise NoraError(f"cannot read {path}: {err}") from None
+    data = read_json(path, "file")
+    if not isinstance(data, dict):
+        raise NoraError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _base_of(directory: Path) -> str | None:
@@ -236,10 +235,19 @@ def _base_of(directory: Path) -> str | None:
 
 def load_for_eval(
     model: str | None = None, adapter: str | Path | None = None, merged: str | Path | None = None,
-    dtype: str = "fp32",
+    dtype: str = "fp32", allow_pickle: bool = False,
 ) -> LoadedModel:
-    """Base model, base + PEFT adapter (nora output dir or any PEFT dir), or a merged model dir."""
-    from nora_cli.models import load_causal_lm, load_tokenizer, resolve_source, torch_dtype
+    """Base model, base + PEFT adapter (nora output dir or any PEFT dir), or a merged model dir.
+
+    Pickled (.bin) weights load only with `allow_pickle`; the adapter's files are checked before any model."""
+    from nora_cli.export.adapter import attach_adapter, check_adapter_fits, read_adapter
+    from nora_cli.models import (
+        check_weight_format,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_source,
+        torch_dtype,
+    )
 
     if adapter is not None and merged is not None:
         raise NoraError("pass either --adapter or --merged, not both")
@@ -248,14 +256,16 @@ def load_for_eval(
         if not (merged_dir / "config.json").is_file():
             raise NoraError(f"--merged {merged_dir} is not a model directory (no config.json)")
         if any((merged_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            net, tokenizer = load_causal_lm(str(merged_dir), dtype=dtype)
+            net, tokenizer = load_causal_lm(str(merged_dir), dtype=dtype, allow_pickle=allow_pickle)
         else:  # `save_pretrained` of a merged model alone writes no tokenizer: take the base model's
             tok_source = model or _base_of(merged_dir)
             if not tok_source:
                 raise NoraError(f"{merged_dir} has no tokenizer; pass --model BASE to use the base model's")
             from transformers import AutoModelForCausalLM
 
-            net = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch_dtype(dtype))
+            check_weight_format(resolve_source(str(merged_dir)), allow_pickle)
+            safe = {"use_safetensors": None, "weights_only": True} if allow_pickle else {"use_safetensors": True}
+            net = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch_dtype(dtype), **safe)
             tokenizer = load_tokenizer(resolve_source(tok_source))
         net.eval()
         return LoadedModel(net, tokenizer, str(merged), None)
@@ -264,16 +274,16 @@ def load_for_eval(
         if not (adapter_dir / "adapter_config.json").is_file():
             raise NoraError(f"{adapter_dir} has no adapter_config.json; pass a nora output dir or a PEFT "
                             "adapter directory")
+        checked = read_adapter(adapter_dir, allow_pickle)
         model = model or _base_of(adapter_dir)
         if not model:
             raise NoraError(f"{adapter_dir} does not name its base model; pass --model BASE")
+        check_adapter_fits(checked, model)
     if not model:
         raise NoraError("pass --model BASE (or --adapter DIR / --merged DIR / --recipe RECIPE)")
-    net, tokenizer = load_causal_lm(model, dtype=dtype)
+    net, tokenizer = load_causal_lm(model, dtype=dtype, allow_pickle=allow_pickle)
     if adapter is not None:
-        from peft import PeftModel
-
-        net = PeftModel.from_pretrained(net, str(adapter_dir))
+        net = attach_adapter(net, adapter_dir, str(model))
     net.eval()
     return LoadedModel(net, tokenizer, str(model), None if adapter is None else str(adapter))
 
@@ -281,7 +291,7 @@ def load_for_eval(
 def run_evaluation(
     *, model: str | None, adapter: str | None, merged: str | None, dtype: str, tasks: Sequence[str],
     data: dict[str, str] | None = None, output: Path | None = None, limit: int | None = None,
-    shots: int = 0, protocol: Protocol = "llm-adapters", **kwargs: Any,
+    shots: int = 0, protocol: Protocol = "llm-adapters", allow_pickle: bool = False, **kwargs: Any,
 ) -> dict[str, Any]:
     """The CLI's one call: check the output path, tasks and data first (cheap), then load and evaluate."""
     if output is not None:
@@ -291,6 +301,6 @@ def run_evaluation(
             raise NoraError(f"--output {output} is a directory; pass a file path such as {Path(output) / 'results.json'}")
         check_writable(Path(output), "--output")
     prepared = prepare_tasks(tasks, protocol, data, limit=limit, shots=shots)
-    loaded = load_for_eval(model, adapter, merged, dtype)
+    loaded = load_for_eval(model, adapter, merged, dtype, allow_pickle)
     return evaluate_model(loaded.model, loaded.tokenizer, prepared, protocol=protocol, limit=limit, shots=shots,
                           output=output, model_name=loaded.name, adapter_name=loaded.adapter, **kwargs)

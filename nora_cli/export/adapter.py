@@ -8,13 +8,12 @@ causal LM's module namespace (PEFT's `base_model.model.` prefix removed), e.g.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nora_cli.errors import NoraError
+from nora_cli.errors import NoraError, read_json
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +32,7 @@ class Adapter:
     config: dict[str, Any]
     nora: dict[str, Any]
     weights: Path
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # tensor -> shape, from the file header
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         import torch
@@ -74,14 +74,48 @@ def read_nora(path: Path) -> dict[str, Any]:
     file = path / "nora.json"
     if not file.is_file():
         return {}
+    nora = read_json(file, "adapter metadata")
+    if not isinstance(nora, dict):
+        raise NoraError(f"{file} must hold a JSON object, got {type(nora).__name__}")
+    return nora
+
+
+def check_weights_file(file: Path, allow_pickle: bool) -> dict[str, list[int]]:
+    """Tensor name -> shape, read from the header only: a pickle is refused unless allowed (unpickling can run
+    code), and a truncated or corrupt safetensors file is one line naming it, before any model is loaded."""
+    if file.suffix != ".safetensors":
+        if not allow_pickle:
+            raise NoraError(f"{file} is a pickle, which can run code when loaded; convert it to safetensors, or "
+                            "pass --allow-pickle to load it with torch.load(weights_only=True)")
+        return {}
+    from safetensors import SafetensorError, safe_open
+
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise NoraError(f"{file} is not valid JSON: {err}") from None
+        with safe_open(str(file), framework="np") as handle:
+            return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise NoraError(f"{file} is not a valid safetensors file (truncated or corrupt?): {err}") from None
 
 
-def read_adapter(path: str | Path) -> Adapter:
-    """Check the files a PEFT adapter needs before anything is loaded or written."""
+def _check_ranks(adapter: Adapter, shapes: dict[str, list[int]]) -> None:
+    """Every LoRA factor's rank must be the one adapter_config.json gives its module (PEFT would fail later
+    with a size-mismatch traceback, or silently load a wrong adapter)."""
+    for key, shape in shapes.items():
+        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
+        if suffix is None or len(shape) != 2:
+            continue
+        module = key.removeprefix(PEFT_PREFIX)[: -len(suffix)]
+        rank = shape[0] if _LORA_SUFFIXES[suffix][0] == "A" else shape[1]
+        # rank_pattern needs PEFT's matcher (imports torch); without one every module has rank r
+        r = _scaling(adapter.config, module)[0] if adapter.config.get("rank_pattern") else adapter.config.get("r")
+        if rank != r:
+            raise NoraError(f"{adapter.weights}: tensor {key} has rank {rank} but {adapter.path}/adapter_config.json "
+                            f"says r={r}: the adapter files do not belong together")
+
+
+def read_adapter(path: str | Path, allow_pickle: bool = False) -> Adapter:
+    """Check the files a PEFT adapter needs before anything is loaded or written: config JSON, weights
+    format and integrity (header only), ranks."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise NoraError(f"adapter directory not found: {path}")
@@ -91,11 +125,48 @@ def read_adapter(path: str | Path) -> Adapter:
     weights = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
     if weights is None:
         raise NoraError(f"{path} has no adapter weights ({' or '.join(WEIGHT_FILES)})")
+    config = read_json(config_file, "adapter config")
+    if not isinstance(config, dict) or not isinstance(config.get("r", 8), int) or \
+            not isinstance(config.get("lora_alpha", 8), int | float):
+        raise NoraError(f"{config_file} is not a PEFT adapter config (expected an object with integer 'r')")
+    adapter = Adapter(path=path, config=config, nora=read_nora(path), weights=weights,
+                      shapes=check_weights_file(weights, allow_pickle))
+    if config.get("peft_type", "LORA") == "LORA":
+        _check_ranks(adapter, adapter.shapes)
+    return adapter
+
+
+def check_adapter_fits(adapter: Adapter, base: str) -> None:
+    """Every LoRA pair must wrap a Linear layer of the base with matching (in, out), checked on the base's
+    meta-device skeleton (config.json only): an adapter made for another model fails before weights load."""
+    from nora_cli.models import linear_layers, model_skeleton, resolve_source
+
+    layers = linear_layers(model_skeleton(resolve_source(base)))
+    for key, shape in adapter.shapes.items():
+        if not key.endswith(".lora_A.weight") or len(shape) != 2:
+            continue
+        module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+        b_shape = adapter.shapes.get(key.replace(".lora_A.", ".lora_B."), [0, 0])
+        if module not in layers:
+            raise NoraError(f"adapter {adapter.path} does not fit base model {base}: the base has no Linear layer "
+                            f"{module!r}; was it trained on another model?")
+        if (shape[1], b_shape[0]) != layers[module]:
+            raise NoraError(f"adapter {adapter.path} does not fit base model {base}: {module} is (in, out) = "
+                            f"{layers[module]} in the base but {(shape[1], b_shape[0])} in the adapter; was it "
+                            "trained on another model?")
+
+
+def attach_adapter(model: Any, adapter_dir: Path, base: str) -> Any:
+    """PeftModel.from_pretrained with its failures as one line: an adapter made for another base (missing
+    target modules, mismatched shapes) names both."""
+    from peft import PeftModel
+
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise NoraError(f"{config_file} is not valid JSON: {err}") from None
-    return Adapter(path=path, config=config, nora=read_nora(path), weights=weights)
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    except (RuntimeError, ValueError, KeyError, OSError) as err:
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+        detail = next((line for line in lines if "size mismatch" in line), lines[0])
+        raise NoraError(f"adapter {adapter_dir} does not fit base model {base}: {detail[:300]}") from None
 
 
 def refuse_mutated_init(adapter: Adapter) -> None:

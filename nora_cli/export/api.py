@@ -6,14 +6,13 @@ hidden sibling directory that is renamed onto --out at the end.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from nora_cli.errors import NoraError
+from nora_cli.errors import NoraError, read_json
 from nora_cli.export.adapter import read_nora
 from nora_cli.export.causal_lm import export_merged, export_peft
 from nora_cli.export.job import DTYPES, Exporter, ExportJob, MergeReport, VerifyError, peak_rss_mib
@@ -51,7 +50,8 @@ def adapter_task(adapter_dir: Path) -> str:
     if task:
         return str(task)
     config_file = adapter_dir / "adapter_config.json"
-    task_type = json.loads(config_file.read_text()).get("task_type") if config_file.is_file() else None
+    config = read_json(config_file, "adapter config") if config_file.is_file() else {}
+    task_type = config.get("task_type") if isinstance(config, dict) else None
     return "causal-lm" if task_type in (None, "CAUSAL_LM") else str(task_type).lower()
 
 
@@ -70,9 +70,12 @@ def parse_size(size: str | int) -> int:
     from huggingface_hub.serialization._base import parse_size_to_int
 
     try:
-        return parse_size_to_int(size)
-    except ValueError:
-        raise NoraError(f"--max-shard-size {size!r}: expected a size like 5GB, 500MB or 100KB") from None
+        value = parse_size_to_int(size)
+    except (ValueError, OverflowError):  # "abc", "nanGB", "infGB"
+        value = 0
+    if value <= 0:
+        raise NoraError(f"--max-shard-size {size!r}: expected a positive size like 5GB, 500MB or 100KB")
+    return value
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -108,6 +111,7 @@ def merge_adapter(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     verify: bool = False,
+    allow_pickle: bool = False,
 ) -> MergeReport:
     """Export an adapter as `fmt` (default: "merged" for causal LMs) into `out_dir`.
 
@@ -130,7 +134,7 @@ def merge_adapter(
     out = Path(out_dir).expanduser()
     _check_out(out, overwrite)
     check_writable(out, "--out directory")  # before the export, not after minutes of work
-    job = ExportJob(adapter_dir, out, base, dtype, parse_size(max_shard_size), task, fmt)
+    job = ExportJob(adapter_dir, out, base, dtype, parse_size(max_shard_size), task, fmt, allow_pickle)
     job.refuse_inside(adapter_dir, "adapter")
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from nora_cli.errors import NoraError
 from nora_cli.export.adapter import (
     Adapter,
     Base,
+    attach_adapter,
     collect_updates,
     read_adapter,
     refuse_mutated_init,
@@ -85,7 +86,7 @@ def export_merged(job: ExportJob, staging: Path) -> MergeReport:
     """W = W0 + s·B·A into a copy of the base: streamed from safetensors, else via PEFT merge_and_unload."""
     from nora_cli.models import torch_dtype
 
-    adapter = read_adapter(job.adapter_dir)
+    adapter = read_adapter(job.adapter_dir, job.allow_pickle)
     refuse_mutated_init(adapter)
     base = resolve_base(job.adapter_dir, job.base, adapter.config)
     job.refuse_inside(base.local_dir, "base model")
@@ -136,21 +137,19 @@ def _stored_dtype(headers: dict) -> str:
 def _load_merge(job: ExportJob, staging: Path, adapter: Adapter, base: Base, notes: list[str]) -> MergeReport:
     """The fallback: the whole model in fp32, PEFT's merge, cast, save_pretrained."""
     import torch
-    from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from nora_cli.models import torch_dtype
+    from nora_cli.models import check_weight_format, resolve_source, torch_dtype
 
+    check_weight_format(resolve_source(base.name_or_path), job.allow_pickle)
+    safe = {"use_safetensors": None, "weights_only": True} if job.allow_pickle else {"use_safetensors": True}
     try:
         stored = getattr(AutoConfig.from_pretrained(base.name_or_path), "dtype", None) or torch.float32
-        model = AutoModelForCausalLM.from_pretrained(base.name_or_path, dtype=torch.float32)  # .bin bases: transformers loads them with weights_only=True
+        model = AutoModelForCausalLM.from_pretrained(base.name_or_path, dtype=torch.float32, **safe)
     except OSError as err:
         raise NoraError(f"cannot load base model {base.display!r}: {str(err).splitlines()[0]}") from None
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
-    try:
-        peft_model = PeftModel.from_pretrained(model, adapter.path)
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise NoraError(f"adapter does not fit base {base.display}: {str(err).strip().splitlines()[0]}") from None
+    peft_model = attach_adapter(model, adapter.path, base.display)
     changed = sum(1 for name, _ in peft_model.named_parameters() if "lora_B" in name or "lora_embedding_B" in name)
     merged = peft_model.merge_and_unload()
     out_dtype = torch_dtype(job.dtype) if job.dtype else stored
@@ -185,7 +184,7 @@ def export_peft(job: ExportJob, staging: Path) -> MergeReport:
 
     from nora_cli.models import resolve_source, torch_dtype
 
-    adapter = read_adapter(job.adapter_dir)
+    adapter = read_adapter(job.adapter_dir, job.allow_pickle)
     refuse_mutated_init(adapter)
     peft_type = adapter.config.get("peft_type", "LORA")
     if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:

@@ -28,6 +28,7 @@ class ExportJob:
     max_shard_size: int  # bytes
     task: str  # nora.json "task": causal-lm, dreambooth, ...
     fmt: str
+    allow_pickle: bool = False  # also load pickled .bin adapters/bases (torch.load(weights_only=True))
 
     def refuse_inside(self, path: Path | None, what: str) -> None:
         """Replacing --out must never delete an input."""

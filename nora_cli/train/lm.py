@@ -57,10 +57,14 @@ def _to_device(collate_fn: Any, device: torch.device) -> Any:
 
 
 def build_lm_job(recipe: Any, device: torch.device, out_dir: Path) -> Job:
-    from nora_cli.data.text import build_datasets, collate, load_records
+    from nora_cli.data.text import build_datasets, collate, load_records, normalize_records
     from nora_cli.models import load_causal_lm, resolve_source
 
     mcfg, dcfg = recipe.model, recipe.data
+    records = load_records(dcfg.path, split=dcfg.split)  # data first: a bad file fails before the model loads
+    if not records:
+        raise NoraError(f"the dataset {dcfg.path} is empty")
+    normalize_records(records, dcfg.format)
     source = resolve_source(mcfg.source, mcfg.gguf_file)
     device_map = {"": device} if mcfg.quantization else None
     model, tokenizer = load_causal_lm(
@@ -78,9 +82,6 @@ def build_lm_job(recipe: Any, device: torch.device, out_dir: Path) -> Job:
     if mcfg.quantization is None:
         peft_model.to(device)
 
-    records = load_records(dcfg.path, split=dcfg.split)
-    if not records:
-        raise NoraError(f"the dataset {dcfg.path} is empty")
     train, val = build_datasets(
         records, tokenizer, fmt=dcfg.format, template=dcfg.template, cutoff_len=dcfg.cutoff_len,
         train_on_inputs=dcfg.train_on_inputs, add_eos=dcfg.add_eos, val_set_size=dcfg.val_set_size,

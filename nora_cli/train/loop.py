@@ -69,6 +69,9 @@ def plan_schedule(n_examples: int, train_cfg: Any, world: int) -> Schedule:
     if steps_per_epoch == 0:
         raise NoraError(f"the training set has {n_examples} examples, fewer than train.batch_size={train_cfg.batch_size}")
     total = train_cfg.max_steps or math.ceil(train_cfg.epochs * steps_per_epoch)
+    if train_cfg.warmup_steps > total:
+        raise NoraError(f"train.warmup_steps={train_cfg.warmup_steps} exceeds the run's {total} optimizer steps "
+                        f"({train_cfg.epochs:g} epochs of {steps_per_epoch}); the lr would never reach its peak")
     accum = train_cfg.batch_size // (train_cfg.micro_batch_size * world)
     return Schedule(total, steps_per_epoch, accum, train_cfg.micro_batch_size, train_cfg.batch_size)
 
