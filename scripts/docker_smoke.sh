@@ -138,4 +138,5 @@ check "/out owned by the invoking uid" "$(( total - foreign ))/$total paths owne
   printf '%s\n' "${rows[@]}"
 } > "$RESULT"
 echo "wrote $RESULT"
+"${VFS[@]}" rmi -f "$IMAGE" >/dev/null  # the vfs copy takes ~10 GB (a full rootfs per layer)
 exit $failed
