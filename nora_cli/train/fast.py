@@ -1,5 +1,6 @@
-"""The causal-LM training forward and the CPU fast paths it switches on (each measured, each exact or
-distribution-preserving; benchmarks/results/throughput.md has the numbers).
+"""The causal-LM training forward and the CPU fast paths it switches on (each measured; exact up to float
+summation order, or distribution-preserving (dropout), except `eager`, which changes bf16 rounding;
+benchmarks/results/throughput.md has the speed numbers). nora.json records which ones a run took.
 
 `TrainForward(model)(model, batch)` is the Job's loss: summed next-token cross-entropy over label tokens.
 Around the model call it turns on, only for that call:
@@ -13,14 +14,21 @@ Around the model call it turns on, only for that call:
                (MKL takes a slow path on AMD CPUs: 2.3× slower here). Same fp32 math, other summation order.
   eager        bf16 autocast on CPU with sequences ≤ 512 tokens: eager attention instead of PyTorch's CPU
                flash kernel, whose bf16 backward is slow at these lengths; memory grows with T², hence the cap.
+               Not exact: eager rounds the scores QKᵀ to bf16 before the softmax, where the flash kernel keeps
+               them in fp32. Measured on SmolLM2-135M (ARC-Easy batch of 2 × 96 tokens, r = 32, all but
+               o/gate_proj): vs SDPA, loss 1.6e-3 and LoRA gradient 8.8e-2 relative (‖Δg‖/‖g‖), the size of
+               bf16 autocast's own error (SDPA bf16 vs fp32: 1.5e-3 and 8.6e-2). Tiny test model: 1.5e-5
+               and 5.6e-3.
+               Off under gradient checkpointing, whose recompute runs outside this context (with SDPA).
   split        on CPU, a right-padded micro-batch of mixed lengths runs as a few length-sorted sub-batches
                (cut where the padded tokens saved outweigh a per-call cost), their losses summed into one
                graph. Rows are independent in a causal LM, so this is the same sum over the same tokens;
                on the throughput benchmark's ARC-Easy batches padding falls from 30% to ~9%.
 
-and, at model build time, `use_sparse_dropout` swaps PEFT's LoRA dropout for `SparseDropout`: the same
-Bernoulli(p) masks drawn from ~n·p geometric gaps instead of n serial draws (torch's CPU bernoulli_ is
-single-threaded and was 15% of a bf16 step).
+and, at model build time, `use_sparse_dropout` swaps PEFT's LoRA dropout for `SparseDropout`: iid
+Bernoulli(p) masks as before, drawn from ~n·p geometric gaps instead of n serial draws (torch's CPU
+bernoulli_ is single-threaded and was 15% of a bf16 step); another random stream, so the same seed gives
+other masks of the same distribution.
 
 NORA_DISABLE_FAST_PATHS=gather,low_precision,onednn,eager,split,dropout (or "all") turns any of them off.
 """
