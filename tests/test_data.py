@@ -339,55 +339,37 @@ def test_collate_pads_right_and_counts_tokens():
 # --- demo dataset ----------------------------------------------------------------------------
 
 
-def _parse(record: dict) -> tuple[str, list[str]]:
-    m = re.fullmatch(r"Please choose the correct answer to the question: (.+?)\n\n(.+)\n\nAnswer format: (\S+)",
-                     record["instruction"], flags=re.S)
-    assert m, record["instruction"]
-    options = re.split(r" ?Answer\d+: ", m.group(2))[1:]
-    assert m.group(3) == "/".join(f"answer{i + 1}" for i in range(len(options)))
-    return m.group(1), options
+_DEMO = re.compile(r"Please answer the following question with even or odd: is the number (\d+) even or odd\?"
+                   r"\n\nAnswer format: even/odd")
 
 
-def _solve(question: str, options: list[str]) -> str:
-    if question == "Which number is the largest?":
-        return str(max(int(o) for o in options))
-    if question == "Which number is the smallest?":
-        return str(min(int(o) for o in options))
-    if question == "Which word comes first alphabetically?":
-        return sorted(options)[0]
-    a, b = re.fullmatch(r"What is (\d+) \+ (\d+)\?", question).groups()
-    return str(int(a) + int(b))
-
-
-def _key(question: str, options: list[str]) -> tuple:
-    return (question,) if question.startswith("What is") else (question, tuple(sorted(options)))
-
-
-def test_demo_answers_are_correct_and_splits_disjoint(tmp_path):
+def test_demo_answers_are_correct_balanced_and_splits_disjoint(tmp_path):
+    """Every demo item's answer is the number's parity (recomputed here), even/odd alternate, and no
+    test number occurs in train: the held-out accuracy measures the rule, not memorized items."""
     train, test = demo_records("train"), demo_records("test")
     assert len(train) == 2000 and len(test) == 200
     assert demo_records("train") == train and load_records("builtin:demo") == train
     assert load_records("builtin:demo-test") == test == load_records("builtin:demo", split="test")
     assert demo_records("train", n=50, seed=1) != train[:50]
-    keys = {}
+    numbers = {}
     for split, records in (("train", train), ("test", test)):
-        positions, kinds = Counter(), Counter()
+        nums = []
         for r in records:
-            question, options = _parse(r)
-            expected = _solve(question, options)
-            assert options.count(expected) == 1
-            k = options.index(expected) + 1
-            assert r["answer"] == f"answer{k}" and r["output"] == f"the correct answer is answer{k}"
-            assert r["input"] == ""
-            kinds[re.sub(r"\d+", "N", question)] += 1
-            if len(options) == 4:
-                positions[k] += 1
-            keys.setdefault(split, set()).add(_key(question, options))
-        assert len(kinds) == 4 and min(kinds.values()) > len(records) / 8
-        if split == "train":  # the correct option's position is uniform
-            total = sum(positions.values())
-            assert all(0.2 < positions[k] / total < 0.3 for k in range(1, 5)), positions
-    assert not keys["train"] & keys["test"]
+            m = _DEMO.fullmatch(r["instruction"])
+            assert m, r["instruction"]
+            n = int(m.group(1))
+            expected = "odd" if n % 2 else "even"
+            assert r["answer"] == expected and r["output"] == f"the correct answer is {expected}"
+            assert r["input"] == "" and 100 <= n <= 9999
+            nums.append(n)
+        assert len(set(nums)) == len(nums)  # distinct items
+        assert [n % 2 for n in nums[:10]] == [0, 1] * 5  # balanced: always-one-word scores 50%
+        assert Counter(n % 2 for n in nums)[0] == len(nums) // 2
+        numbers[split] = set(nums)
+    assert not numbers["train"] & numbers["test"]
+    # disjoint for any seed and size, not just the defaults
+    other = {int(_DEMO.fullmatch(r["instruction"]).group(1)) for r in demo_records("train", n=4000, seed=7)}
+    assert not other & numbers["test"]
     path = write_demo(tmp_path / "demo.json", "test", n=20)
     assert load_records(str(path)) == test[:20]
 

@@ -1,13 +1,17 @@
-"""A built-in multiple-choice dataset, generated here (no third-party data), for demos and CI.
+"""A built-in dataset, generated here (no third-party data), for the demo and CI: is a number even or odd?
 
-Items follow LLM-Adapters' commonsense_170k layout exactly ({instruction, input, output, answer},
-"the correct answer is answerK"), so the same recipe, template and answer extraction work on the
-demo and on the real benchmarks. The questions (largest/smallest of a few numbers, small sums,
-first word alphabetically) are easy enough that a 135M instruct model visibly improves after ~60
-optimizer steps, and every answer is checkable by recomputation.
+Why this task: SmolLM2-135M-Instruct cannot do it (the base scores chance, ~50%, on the held-out items:
+it answers the same word for almost every number), yet the rule is one a LoRA adapter learns in ~30
+optimizer steps, and it generalizes: the test numbers never occur in training, so a gain on them is the
+rule (look at the last digit), not memorized items. The earlier multiple-choice demo (largest number,
+sums, "answerK" labels) taught the 135M model only the answer format: its accuracy stayed at chance.
 
-Train and test are disjoint by construction: each question's content key (the operands, or the
-set of numbers/words) is hashed into one split, so no test question appears in train for any seed.
+Items follow LLM-Adapters' commonsense_170k layout exactly ({instruction, input, output, answer}, an
+"Answer format: even/odd" line like BoolQ's "true/false", "the correct answer is odd"), so the same
+recipe, template, answer extraction and loglikelihood scoring work on the demo and on the real benchmarks.
+
+Train and test are disjoint by construction: each number is hashed into one split (`split_of`), so no
+test number appears in train for any seed or size.
 """
 
 from __future__ import annotations
@@ -23,97 +27,45 @@ from nora_cli.errors import NoraError
 
 Split = Literal["train", "test"]
 SIZES: dict[str, int] = {"train": 2000, "test": 200}
-TEST_SHARE = 10  # one content key in TEST_SHARE goes to the test split
-
-# Common words with distinct first letters, so "first alphabetically" only needs the first letter.
-WORDS = (
-    "apple", "bread", "cloud", "dance", "eagle", "forest", "garden", "house", "island", "jacket",
-    "kitten", "lemon", "mountain", "night", "orange", "pencil", "queen", "river", "summer", "table",
-    "umbrella", "violin", "window", "yellow", "zebra",
-)
-
-# A question: (kind, content key, question text, correct option, distractor options)
-Question = tuple[str, tuple, str, str, list[str]]
+TEST_SHARE = 10  # one number in TEST_SHARE goes to the test split
+LOW, HIGH = 100, 9999  # 3- and 4-digit numbers: 9,900 of them, ~990 reserved for test
+LABELS = ("even", "odd")
 
 
-def _largest(rng: random.Random) -> Question:
-    nums = rng.sample(range(10, 100), 4)
-    best = max(nums)
-    return ("largest", tuple(sorted(nums)), "Which number is the largest?",
-            str(best), [str(n) for n in nums if n != best])
-
-
-def _smallest(rng: random.Random) -> Question:
-    nums = rng.sample(range(10, 100), 4)
-    best = min(nums)
-    return ("smallest", tuple(sorted(nums)), "Which number is the smallest?",
-            str(best), [str(n) for n in nums if n != best])
-
-
-def _addition(rng: random.Random) -> Question:
-    a, b = rng.randint(1, 40), rng.randint(1, 40)
-    total = a + b
-    wrong = rng.sample([total + d for d in (-3, -2, -1, 1, 2, 3)], 2)
-    return ("addition", (a, b), f"What is {a} + {b}?", str(total), [str(w) for w in wrong])
-
-
-def _alphabetical(rng: random.Random) -> Question:
-    words = rng.sample(WORDS, 3)
-    first = min(words)
-    return ("alphabetical", tuple(sorted(words)), "Which word comes first alphabetically?",
-            first, [w for w in words if w != first])
-
-
-#: question kinds, drawn uniformly
-KINDS: tuple[Callable[[random.Random], Question], ...] = (_largest, _smallest, _addition, _alphabetical)
-
-
-def split_of(kind: str, key: tuple) -> Split:
-    """The split a question belongs to, from a stable hash of its content (not of the seed)."""
-    digest = hashlib.sha256(repr((kind, key)).encode()).digest()
+def split_of(number: int) -> Split:
+    """The split a number belongs to, from a stable hash of the number alone (not of the seed)."""
+    digest = hashlib.sha256(f"nora-demo-parity:{number}".encode()).digest()
     return "test" if int.from_bytes(digest[:4], "big") % TEST_SHARE == 0 else "train"
 
 
-def _record(rng: random.Random, question: str, correct: str, distractors: list[str]) -> dict[str, str]:
-    """LLM-Adapters commonsense item with the correct option at a uniformly random position."""
-    options = list(distractors)
-    rng.shuffle(options)
-    pos = rng.randrange(len(options) + 1)
-    options.insert(pos, correct)
-    k = len(options)
-    listing = " ".join(f"Answer{i}: {opt}" for i, opt in enumerate(options, start=1))
-    answer_format = "/".join(f"answer{i}" for i in range(1, k + 1))
+def parity_record(number: int) -> dict[str, str]:
+    """One LLM-Adapters-style item asking for the parity of `number`."""
+    answer = LABELS[number % 2]
     return {
-        "instruction": f"Please choose the correct answer to the question: {question}\n\n"
-                       f"{listing}\n\nAnswer format: {answer_format}",
+        "instruction": f"Please answer the following question with even or odd: is the number {number} even "
+                       f"or odd?\n\nAnswer format: {'/'.join(LABELS)}",
         "input": "",
-        "output": f"the correct answer is answer{pos + 1}",
-        "answer": f"answer{pos + 1}",
+        "output": f"the correct answer is {answer}",
+        "answer": answer,
     }
 
 
 def demo_records(split: Split, n: int | None = None, seed: int = 0) -> list[dict[str, str]]:
-    """`n` demo items (default 2000 train / 200 test), identical for the same (split, n, seed)."""
+    """`n` distinct demo items (default 2000 train / 200 test), the same for the same (split, seed).
+
+    Even and odd alternate, so every prefix is balanced: a model that always answers one word scores 50%.
+    """
     if split not in SIZES:
         raise NoraError(f"the demo dataset has splits 'train' and 'test', not {split!r}")
     n = SIZES[split] if n is None else n
+    pools = [[k for k in range(LOW + parity, HIGH + 1, 2) if split_of(k) == split] for parity in (0, 1)]
+    if n > 2 * min(len(p) for p in pools):
+        raise NoraError(f"the demo split {split!r} has at most {2 * min(len(p) for p in pools)} items, not {n}")
     rng = random.Random(f"nora-demo:{split}:{seed}")
-    records: list[dict[str, str]] = []
-    seen: set[str] = set()
-    attempts = 0
-    while len(records) < n:
-        attempts += 1
-        if attempts > 100 * n + 1000:
-            raise NoraError(f"cannot draw {n} distinct demo questions for split {split!r}")
-        kind, key, question, correct, distractors = rng.choice(KINDS)(rng)
-        if split_of(kind, key) != split:
-            continue
-        record = _record(rng, question, correct, distractors)
-        if record["instruction"] in seen:
-            continue
-        seen.add(record["instruction"])
-        records.append(record)
-    return records
+    for pool in pools:  # whole pools, so a smaller n is a prefix of a larger one
+        rng.shuffle(pool)
+    numbers = [x for pair in zip(*pools, strict=False) for x in pair][:n]
+    return [parity_record(k) for k in numbers]
 
 
 def write_demo(path: str | Path, split: Split = "train", n: int | None = None, seed: int = 0) -> Path:
