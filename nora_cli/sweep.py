@@ -308,7 +308,8 @@ def run_one(spec: SweepSpec, variant: Variant, seed: int) -> str:
 def _evaluate_base(spec: SweepSpec, recipe: Recipe, run_dir: Path) -> str:
     """Score the untrained model once (deterministic, so one run_dir serves all seeds)."""
     assert spec.eval is not None  # plan_sweep requires tasks when `base` is listed
-    if results_current(run_dir / RESULTS_FILE, spec.eval):
+    same_model = (_read_json(run_dir / RESULTS_FILE) or {}).get("model") == recipe.model.source
+    if same_model and results_current(run_dir / RESULTS_FILE, spec.eval):
         return "skipped"
     from nora_cli.evaluate import load_for_eval
 

@@ -219,6 +219,10 @@ def test_base_row_is_the_untrained_model(tmp_path: Path, tiny_llama_dir: Path) -
     assert table["summary"]["base"]["final_train_loss"] is None
     assert "| `base` | — | — | — |" in (out / "table.md").read_text()
     assert {p.name for p in (out / "loss_curves").iterdir()} == {"lora.png"}
+    assert lib.run_one(spec, spec.variants[0], 1) == "skipped"
+    results = out / "base" / "results.json"
+    results.write_text(results.read_text().replace(json.dumps(str(tiny_llama_dir)), '"another-model"'))
+    assert lib.run_one(spec, spec.variants[0], 0) == "evaluated"  # scored for another base model: stale
     with pytest.raises(NoraError, match="no @knobs"):
         lib.parse_methods("base@sigma=0.1")
     with pytest.raises(NoraError, match="only evaluated"):
