@@ -3,7 +3,7 @@
     python benchmarks/demo_gain.py [--seeds 0,1,2] [--threads 1] [--out out/demo-gain]
 
 Runs `nora sweep smollm2-135m-demo --methods base,lora,nora+ --seeds ...` in-process (the demo recipe:
-SmolLM2-135M-Instruct, r 16, 30 optimizer steps of 8 examples, bf16 autocast) and scores every run on the
+SmolLM2-135M-Instruct, r 16, 30 optimizer steps of 8 examples, fp32) and scores every run on the
 200 held-out items of nora's "is N even or odd?" task (`builtin:demo-test`; no test number occurs in the
 training data). Each seed changes the adapter init, the data order and dropout; both methods of a seed see
 the same data in the same order. The sweep tree under --out is resumable: re-running skips finished runs.
@@ -34,7 +34,7 @@ def report(table: dict[str, Any], info: dict[str, Any], wall_s: float) -> str:
     lines = [
         "# Demo gain: base vs LoRA vs NoRA+ on held-out items", "",
         f"`python benchmarks/demo_gain.py --seeds {','.join(seeds)}` — recipe `smollm2-135m-demo` "
-        "(SmolLM2-135M-Instruct, r 16, 30 steps × 8 examples, bf16 autocast), task `demo` "
+        "(SmolLM2-135M-Instruct, r 16, 30 steps × 8 examples, fp32), task `demo` "
         "(\"is N even or odd?\", 200 test numbers never in training), loglikelihood scoring. "
         "Chance is 50%.", "",
         common.machine_md(info),
