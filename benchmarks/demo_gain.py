@@ -4,8 +4,7 @@
 
 Runs `nora sweep smollm2-135m-demo --methods base,lora,nora+ --seeds ...` in-process (the demo recipe:
 SmolLM2-135M-Instruct, r 16, 30 optimizer steps of 8 examples, fp32) and scores every run on the
-200 held-out items of nora's "is N even or odd?" task (`builtin:demo-test`; no test number occurs in the
-training data). Each seed changes the adapter init, the data order and dropout; both methods of a seed see
+held-out words of nora's word-group task (`builtin:demo-test`, 69 words; none occurs in the training data). Each seed changes the adapter init, the data order and dropout; both methods of a seed see
 the same data in the same order. The sweep tree under --out is resumable: re-running skips finished runs.
 Writes benchmarks/results/demo_gain.md (per-seed and mean accuracies, the gain over the base) and
 demo_gain.json (the sweep's table.json plus the machine).
@@ -23,7 +22,7 @@ import common
 
 from nora_cli import sweep
 
-METHODS = "base,lora,nora+"
+METHODS = "base,nora+,lora"
 GOAL = 0.20  # the demo's promise: ≥ 20 accuracy points over the base model
 
 
@@ -35,8 +34,8 @@ def report(table: dict[str, Any], info: dict[str, Any], wall_s: float) -> str:
         "# Demo gain: base vs LoRA vs NoRA+ on held-out items", "",
         f"`python benchmarks/demo_gain.py --seeds {','.join(seeds)}` — recipe `smollm2-135m-demo` "
         "(SmolLM2-135M-Instruct, r 16, 30 steps × 8 examples, fp32), task `demo` "
-        "(\"is N even or odd?\", 200 test numbers never in training), loglikelihood scoring. "
-        "Chance is 50%.", "",
+        "(\"Answer red if the word names an animal, blue if a food, green if a country, yellow if a job\"; "
+        "69 test words never in training), loglikelihood scoring. Chance is 25%.", "",
         common.machine_md(info),
         f"- wall time of the whole benchmark: {wall_s / 60:.1f} min on this shared machine (not a speed claim)",
         "", "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | gain over base |",

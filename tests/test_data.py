@@ -26,6 +26,7 @@ from nora_cli.data import (
     tokenize_example,
     write_demo,
 )
+from nora_cli.data.demo import GROUPS
 from nora_cli.errors import NoraError
 
 
@@ -339,37 +340,37 @@ def test_collate_pads_right_and_counts_tokens():
 # --- demo dataset ----------------------------------------------------------------------------
 
 
-_DEMO = re.compile(r"Please answer the following question with even or odd: is the number (\d+) even or odd\?"
-                   r"\n\nAnswer format: even/odd")
+_DEMO = re.compile(r"Answer red if the word names an animal, blue if a food, green if a country, yellow if a job\."
+                   r"\n\nWord: (\w+)\n\nAnswer format: red/blue/green/yellow")
+_GROUP_OF = {w: g for g, (_, words) in GROUPS.items() for w in words}
+_ANSWER = {"animal": "red", "food": "blue", "country": "green", "job": "yellow"}
 
 
-def test_demo_answers_are_correct_balanced_and_splits_disjoint(tmp_path):
-    """Every demo item's answer is the number's parity (recomputed here), even/odd alternate, and no
-    test number occurs in train: the held-out accuracy measures the rule, not memorized items."""
+def test_demo_answers_are_correct_and_splits_disjoint(tmp_path):
+    """Every demo item's answer is its word's group (looked up here), all four groups are in both splits,
+    and no test word occurs in train: the held-out accuracy measures the rule, not memorized items."""
     train, test = demo_records("train"), demo_records("test")
-    assert len(train) == 2000 and len(test) == 200
+    assert len(train) == 2000 and 60 <= len(test) <= 80
     assert demo_records("train") == train and load_records("builtin:demo") == train
     assert load_records("builtin:demo-test") == test == load_records("builtin:demo", split="test")
-    assert demo_records("train", n=50, seed=1) != train[:50]
-    numbers = {}
+    assert demo_records("train", n=50, seed=1) != train[:50] and demo_records("train", n=50) == train[:50]
+    words = {}
     for split, records in (("train", train), ("test", test)):
-        nums = []
+        seen = []
         for r in records:
             m = _DEMO.fullmatch(r["instruction"])
             assert m, r["instruction"]
-            n = int(m.group(1))
-            expected = "odd" if n % 2 else "even"
+            expected = _ANSWER[_GROUP_OF[m.group(1)]]
             assert r["answer"] == expected and r["output"] == f"the correct answer is {expected}"
-            assert r["input"] == "" and 100 <= n <= 9999
-            nums.append(n)
-        assert len(set(nums)) == len(nums)  # distinct items
-        assert [n % 2 for n in nums[:10]] == [0, 1] * 5  # balanced: always-one-word scores 50%
-        assert Counter(n % 2 for n in nums)[0] == len(nums) // 2
-        numbers[split] = set(nums)
-    assert not numbers["train"] & numbers["test"]
-    # disjoint for any seed and size, not just the defaults
-    other = {int(_DEMO.fullmatch(r["instruction"]).group(1)) for r in demo_records("train", n=4000, seed=7)}
-    assert not other & numbers["test"]
+            assert r["input"] == ""
+            seen.append(m.group(1))
+        counts = Counter(_GROUP_OF[w] for w in set(seen))
+        assert set(counts) == set(_ANSWER) and min(counts.values()) >= 10, counts
+        words[split] = set(seen)
+    assert len(words["test"]) == len(test)  # every test word once
+    assert not words["train"] & words["test"]
+    for seed in (1, 7):  # disjoint for any seed and size, not just the defaults
+        assert not {_DEMO.fullmatch(r["instruction"]).group(1) for r in demo_records("train", 3000, seed)} & words["test"]
     path = write_demo(tmp_path / "demo.json", "test", n=20)
     assert load_records(str(path)) == test[:20]
 

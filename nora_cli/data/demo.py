@@ -1,17 +1,17 @@
-"""A built-in dataset, generated here (no third-party data), for the demo and CI: is a number even or odd?
+"""A built-in dataset, generated here (no third-party data), for the demo and CI: sort words into 4 groups.
 
-Why this task: SmolLM2-135M-Instruct cannot do it (the base scores chance, ~50%, on the held-out items:
-it answers the same word for almost every number), yet the rule is one a LoRA adapter learns in ~30
-optimizer steps, and it generalizes: the test numbers never occur in training, so a gain on them is the
-rule (look at the last digit), not memorized items. The earlier multiple-choice demo (largest number,
-sums, "answerK" labels) taught the 135M model only the answer format: its accuracy stayed at chance.
+The instruction states a rule: "Answer red if the word names an animal, blue if a food, green if a
+country, yellow if a job", then gives one word. SmolLM2-135M-Instruct does not follow it (the base scores
+near chance, 25%, on the held-out words), yet it knows what the words are, so a LoRA adapter learns to
+apply the rule in ~30 optimizer steps. The test words never occur in training (each word is hashed into
+one split), so a gain on them is the rule applied to new words, not memorized items. The earlier demos
+taught the 135M model only the answer format: a multiple-choice mix with "answerK" labels, and "is N even
+or odd?" (the loss fell to the format's floor while held-out accuracy stayed at chance).
 
 Items follow LLM-Adapters' commonsense_170k layout exactly ({instruction, input, output, answer}, an
-"Answer format: even/odd" line like BoolQ's "true/false", "the correct answer is odd"), so the same
-recipe, template, answer extraction and loglikelihood scoring work on the demo and on the real benchmarks.
-
-Train and test are disjoint by construction: each number is hashed into one split (`split_of`), so no
-test number appears in train for any seed or size.
+"Answer format: red/blue/green/yellow" line like BoolQ's "true/false", "the correct answer is red"), so
+the same recipe, template, answer extraction and loglikelihood scoring work on the demo and on the real
+benchmarks.
 """
 
 from __future__ import annotations
@@ -26,46 +26,71 @@ from typing import Literal
 from nora_cli.errors import NoraError
 
 Split = Literal["train", "test"]
-SIZES: dict[str, int] = {"train": 2000, "test": 200}
-TEST_SHARE = 10  # one number in TEST_SHARE goes to the test split
-LOW, HIGH = 100, 9999  # 3- and 4-digit numbers: 9,900 of them, ~990 reserved for test
-LABELS = ("even", "odd")
+TRAIN_SIZE = 2000  # drawn with replacement from the training words; the test split is every test word once
+TEST_SHARE = 3  # one word in TEST_SHARE goes to the test split
+
+#: group -> (its answer word, common words of that group, space-separated)
+_GROUP_TEXT: dict[str, tuple[str, str]] = {
+    "animal": ("red",
+        "cat dog horse cow pig sheep goat lion tiger bear wolf fox rabbit mouse rat deer zebra giraffe elephant "
+        "monkey camel donkey eagle owl parrot duck goose frog snake lizard turtle shark whale dolphin salmon crab "
+        "spider bee ant butterfly squirrel kangaroo koala panda leopard cheetah hippo rhino otter seal penguin"),
+    "food": ("blue",
+        "bread cheese butter rice pasta pizza soup salad apple banana orange grape lemon cherry peach pear mango "
+        "carrot potato tomato onion garlic cucumber lettuce cabbage broccoli bean corn egg bacon sausage steak ham "
+        "yogurt cookie cake pie muffin pancake waffle noodle sandwich burger taco honey jam chocolate candy cereal "
+        "popcorn olive"),
+    "country": ("green",
+        "France Germany Spain Italy Portugal Greece Poland Sweden Norway Finland Denmark Ireland Austria Belgium "
+        "Netherlands Switzerland Russia Ukraine Turkey Egypt Kenya Nigeria Ghana Morocco Ethiopia India China "
+        "Japan Korea Vietnam Thailand Indonesia Malaysia Pakistan Iran Iraq Israel Canada Mexico Brazil Argentina "
+        "Chile Peru Colombia Cuba Jamaica Australia Mongolia Nepal Hungary Romania"),
+    "job": ("yellow",
+        "doctor nurse teacher farmer lawyer pilot driver baker butcher chef cook waiter plumber carpenter painter "
+        "singer dancer actor writer poet journalist soldier sailor firefighter policeman judge dentist surgeon "
+        "engineer architect scientist programmer banker cashier clerk mechanic electrician tailor barber gardener "
+        "janitor librarian professor secretary accountant pharmacist photographer musician guitarist astronaut"),
+}
+#: group -> (its answer word, its words)
+GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {g: (a, tuple(t.split())) for g, (a, t) in _GROUP_TEXT.items()}
+LABELS = tuple(answer for answer, _ in GROUPS.values())
+RULE = "Answer red if the word names an animal, blue if a food, green if a country, yellow if a job."
 
 
-def split_of(number: int) -> Split:
-    """The split a number belongs to, from a stable hash of the number alone (not of the seed)."""
-    digest = hashlib.sha256(f"nora-demo-parity:{number}".encode()).digest()
+def split_of(word: str) -> Split:
+    """The split a word belongs to, from a stable hash of the word alone (not of the seed)."""
+    digest = hashlib.sha256(f"nora-demo:{word}".encode()).digest()
     return "test" if int.from_bytes(digest[:4], "big") % TEST_SHARE == 0 else "train"
 
 
-def parity_record(number: int) -> dict[str, str]:
-    """One LLM-Adapters-style item asking for the parity of `number`."""
-    answer = LABELS[number % 2]
+def word_record(word: str, group: str) -> dict[str, str]:
+    """One LLM-Adapters-style item: the rule, the word, the answer word of its group."""
+    answer = GROUPS[group][0]
     return {
-        "instruction": f"Please answer the following question with even or odd: is the number {number} even "
-                       f"or odd?\n\nAnswer format: {'/'.join(LABELS)}",
+        "instruction": f"{RULE}\n\nWord: {word}\n\nAnswer format: {'/'.join(LABELS)}",
         "input": "",
         "output": f"the correct answer is {answer}",
         "answer": answer,
     }
 
 
-def demo_records(split: Split, n: int | None = None, seed: int = 0) -> list[dict[str, str]]:
-    """`n` distinct demo items (default 2000 train / 200 test), the same for the same (split, seed).
+def demo_words(split: Split) -> list[tuple[str, str]]:
+    """(word, group) of one split, in a fixed order."""
+    return [(w, g) for g, (_, words) in GROUPS.items() for w in words if split_of(w) == split]
 
-    Even and odd alternate, so every prefix is balanced: a model that always answers one word scores 50%.
-    """
-    if split not in SIZES:
+
+def demo_records(split: Split, n: int | None = None, seed: int = 0) -> list[dict[str, str]]:
+    """Train: `n` items (default 2000) drawn from the training words, a smaller n a prefix of a larger one.
+    Test: every test word once, shuffled by `seed` (the first `n` with n given)."""
+    if split not in ("train", "test"):
         raise NoraError(f"the demo dataset has splits 'train' and 'test', not {split!r}")
-    n = SIZES[split] if n is None else n
-    pools = [[k for k in range(LOW + parity, HIGH + 1, 2) if split_of(k) == split] for parity in (0, 1)]
-    if n > 2 * min(len(p) for p in pools):
-        raise NoraError(f"the demo split {split!r} has at most {2 * min(len(p) for p in pools)} items, not {n}")
+    pool = demo_words(split)
     rng = random.Random(f"nora-demo:{split}:{seed}")
-    for pool in pools:  # whole pools, so a smaller n is a prefix of a larger one
-        rng.shuffle(pool)
-    numbers = [x for pair in zip(*pools, strict=False) for x in pair][:n]
-    return [parity_record(k) for k in numbers]
+    if split == "train":
+        picks = [rng.choice(pool) for _ in range(TRAIN_SIZE if n is None else n)]
+    else:
+        picks = rng.sample(pool, len(pool))[:n]
+    return [word_record(w, g) for w, g in picks]
 
 
 def write_demo(path: str | Path, split: Split = "train", n: int | None = None, seed: int = 0) -> Path:
