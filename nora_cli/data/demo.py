@@ -3,10 +3,12 @@
 The instruction states a rule: "Answer red if the word names an animal, blue if a food, green if a
 country, yellow if a job", then gives one word. SmolLM2-135M-Instruct does not follow it (the base scores
 near chance, 25%, on the held-out words), yet it knows what the words are, so a LoRA adapter learns to
-apply the rule in ~30 optimizer steps. The test words never occur in training (each word is hashed into
-one split), so a gain on them is the rule applied to new words, not memorized items. The earlier demos
-taught the 135M model only the answer format: a multiple-choice mix with "answerK" labels, and "is N even
-or odd?" (the loss fell to the format's floor while held-out accuracy stayed at chance).
+apply the rule in ~30 optimizer steps when the loss is on the response only (`train_on_inputs: false`; with
+the prompt in the loss, the one answer token is ~1/70 of it and the adapter learns the prompt instead).
+The test words never occur in training (each word is hashed into one split), so a gain on them is the rule
+applied to new words, not memorized items. Earlier demos taught the 135M model only the answer format: a
+multiple-choice mix with "answerK" labels, and "is N even or odd?" (its loss stayed at the coin-flip floor
+of the answer token for 30 steps).
 
 Items follow LLM-Adapters' commonsense_170k layout exactly ({instruction, input, output, answer}, an
 "Answer format: red/blue/green/yellow" line like BoolQ's "true/false", "the correct answer is red"), so
