@@ -11,10 +11,10 @@ OUT="${NORA_DEMO_OUT:-out/demo}"  # NORA_DEMO_TRAIN_ARGS="--set train.max_steps=
 echo "== 1/3 base vs LoRA vs NoRA+: same data, same seed; scored on held-out words (log-likelihood)"
 # shellcheck disable=SC2086  # NORA_DEMO_TRAIN_ARGS is a list of flags
 nora sweep smollm2-135m-demo --methods base,lora,nora+ --seeds 0 --output-dir "$OUT" ${NORA_DEMO_TRAIN_ARGS:-}
-echo "== 2/3 sample from the NoRA+ adapter: otter and Mongolia are held-out words (never in training)"
+echo "== 2/3 sample from the NoRA+ adapter: eagle and Mongolia are held-out words (never in training)"
 RULE='Answer red if the word names an animal, blue if a food, green if a country, yellow if a job.'
 nora sample --adapter "$OUT/nora+/seed0" --max-new-tokens 8 \
-  --prompt "$RULE"$'\n\nWord: otter\n\nAnswer format: red/blue/green/yellow' \
+  --prompt "$RULE"$'\n\nWord: eagle\n\nAnswer format: red/blue/green/yellow' \
   --prompt "$RULE"$'\n\nWord: Mongolia\n\nAnswer format: red/blue/green/yellow'
 echo "== 3/3 merge NoRA+ into a standalone model and verify it against base + adapter"
 nora merge --adapter "$OUT/nora+/seed0" --out "$OUT-merged" --verify --overwrite
