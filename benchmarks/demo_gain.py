@@ -37,7 +37,8 @@ def report(table: dict[str, Any], info: dict[str, Any], wall_s: float) -> str:
         "(\"Answer red if the word names an animal, blue if a food, green if a country, yellow if a job\"; "
         "69 test words never in training), loglikelihood scoring. Chance is 25%.", "",
         common.machine_md(info),
-        f"- wall time of the whole benchmark: {wall_s / 60:.1f} min on this shared machine (not a speed claim)",
+        f"- wall time of this invocation: {wall_s / 60:.1f} min on a shared machine (runs already in --out are "
+        "reused, not re-run; not a speed claim)",
         "", "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | gain over base |",
         "|---|" + "---:|" * (len(seeds) + 2),
     ]
