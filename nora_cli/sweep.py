@@ -17,7 +17,8 @@ own metrics whichever process produced them.
 Method names: the recipe presets (lora, nora, lora-p, nora+), init-only variants of LoRA (gaussian, pissa,
 pissa_niter_K, olora = method lora with adapter.init replaced), each optionally followed by
 `@KEY=VALUE` knobs for that method alone, e.g. `nora@sigma=0.02@side=input` (short keys in SHORT_KEYS or
-any dotted recipe key).
+any dotted recipe key). `base` is the untrained model, scored once in DIR/base/ with the same tasks and
+autocast as the runs: the row every gain is measured from.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any
 from nora_cli.errors import NoraError
 from nora_cli.recipe import METHOD_PRESETS, Recipe, load_recipe
 
+BASE = "base"  # the untrained model: evaluated, never trained
 INIT_VARIANTS = ("gaussian", "pissa", "olora")  # + pissa_niter_K: method lora, adapter.init = the name
 _PISSA_NITER = re.compile(r"^pissa_niter_[1-9][0-9]*$")
 #: `@key=value` shorthands -> recipe keys; a key with a dot is taken as a recipe key as written
@@ -71,17 +73,25 @@ class Variant:
     def dirname(self) -> str:
         return re.sub(r"[/\\\s]+", "_", self.name)
 
+    @property
+    def trains(self) -> bool:
+        return self.method != BASE
+
 
 def parse_variant(text: str) -> Variant:
     """`nora`, `pissa`, `nora@sigma=0.02@side=input`, `lora@optimizer.lr=1e-3` -> a Variant."""
     name = text.strip()
     base, *knobs = name.split("@")
+    if base == BASE:
+        if knobs:
+            raise NoraError(f"{name!r}: the base model takes no @knobs (it is not trained)")
+        return Variant(BASE, BASE, ())
     if base in METHOD_PRESETS:
         method, init = base, METHOD_PRESETS[base].init
     elif base in INIT_VARIANTS or _PISSA_NITER.match(base):
         method, init = "lora", base
     else:
-        known = ", ".join([*METHOD_PRESETS, *INIT_VARIANTS, "pissa_niter_K"])
+        known = ", ".join([BASE, *METHOD_PRESETS, *INIT_VARIANTS, "pissa_niter_K"])
         raise NoraError(f"unknown method {base!r} in --methods; choose from {known} (optionally NAME@KEY=VALUE)")
     preset = METHOD_PRESETS[method]
     # The method name alone decides init and preconditioner, even if the recipe file pins them.
@@ -159,7 +169,8 @@ class SweepSpec:
     eval: EvalPlan | None = None
 
     def run_dir(self, variant: Variant, seed: int) -> Path:
-        return self.output_dir / variant.dirname / f"seed{seed}"
+        """DIR/<method>/seed<k>; the base model's one directory serves every seed."""
+        return self.output_dir / variant.dirname / (f"seed{seed}" if variant.trains else "")
 
     def run_recipe(self, variant: Variant, seed: int) -> Recipe:
         """Method preset, then the user's --set (all runs), then the variant's own knobs, seed and output dir."""
@@ -183,6 +194,8 @@ def plan_sweep(
     if base.task != "causal-lm":
         raise NoraError(f"nora sweep runs causal-lm recipes; {recipe} is task {base.task!r}")
     tasks = dict(eval_tasks) if eval_tasks else dict.fromkeys(base.eval.tasks)
+    if not tasks and any(not v.trains for v in variants):
+        raise NoraError("method 'base' is only evaluated: give --eval TASKS (or eval.tasks in the recipe)")
     if limit is not None and limit <= 0:
         raise NoraError(f"--limit must be positive, got {limit}")
     if tasks:
@@ -266,6 +279,8 @@ def run_one(spec: SweepSpec, variant: Variant, seed: int) -> str:
     run_dir = spec.run_dir(variant, seed)
     recipe = spec.run_recipe(variant, seed)
     _check_same_recipe(run_dir, recipe)
+    if not variant.trains:
+        return _evaluate_base(spec, recipe, run_dir)
     state = run_state(run_dir, spec.eval)
     if state == "done":
         return "skipped"
@@ -289,6 +304,22 @@ def run_one(spec: SweepSpec, variant: Variant, seed: int) -> str:
     del model
     gc.collect()
     return {"new": "trained", "resume": "resumed", "evaluate": "evaluated"}[state]
+
+
+def _evaluate_base(spec: SweepSpec, recipe: Recipe, run_dir: Path) -> str:
+    """Score the untrained model once (deterministic, so one run_dir serves all seeds)."""
+    assert spec.eval is not None  # plan_sweep requires tasks when `base` is listed
+    same_model = (_read_json(run_dir / RESULTS_FILE) or {}).get("model") == recipe.model.source
+    if same_model and results_current(run_dir / RESULTS_FILE, spec.eval):
+        return "skipped"
+    from nora_cli.evaluate import load_for_eval
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model = load_for_eval(recipe.model.source, dtype=recipe.model.dtype).model
+    _evaluate(model, recipe, run_dir, spec.eval)
+    (run_dir / "sweep_timing.json").write_text(json.dumps({"eval_seconds": time.perf_counter() - start}) + "\n")
+    return "evaluated"
 
 
 def run_sweep(spec: SweepSpec, log: Callable[[str], None] = _log) -> dict[str, Any]:
@@ -317,6 +348,8 @@ def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, f
     """(train, val) as sorted (step, loss) pairs; a resumed run may log a step twice: the later row wins."""
     train: dict[int, float] = {}
     val: dict[int, float] = {}
+    if not path.is_file():  # the base model's row: never trained
+        return [], []
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
@@ -451,7 +484,7 @@ def plot_loss_curves(spec: SweepSpec, out_dir: Path) -> list[Path]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    curves = {v.name: _curves(spec, v) for v in spec.variants}
+    curves = {v.name: _curves(spec, v) for v in spec.variants if v.trains}
     longest = max((len(steps) for steps, _ in curves.values()), default=0)
     if longest == 0:
         return []
@@ -480,7 +513,7 @@ def plot_loss_curves(spec: SweepSpec, out_dir: Path) -> list[Path]:
     written.append(out_dir / "loss_curves.png")
 
     (out_dir / "loss_curves").mkdir(exist_ok=True)
-    for i, (v, (steps, ys)) in enumerate(zip(spec.variants, curves.values(), strict=True)):
+    for i, (v, (steps, ys)) in enumerate(zip([v for v in spec.variants if v.trains], curves.values(), strict=True)):
         fig = Figure(figsize=(6, 3.8), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.subplots()

@@ -26,6 +26,7 @@ from nora_cli.data import (
     tokenize_example,
     write_demo,
 )
+from nora_cli.data.demo import GROUPS
 from nora_cli.errors import NoraError
 
 
@@ -339,55 +340,37 @@ def test_collate_pads_right_and_counts_tokens():
 # --- demo dataset ----------------------------------------------------------------------------
 
 
-def _parse(record: dict) -> tuple[str, list[str]]:
-    m = re.fullmatch(r"Please choose the correct answer to the question: (.+?)\n\n(.+)\n\nAnswer format: (\S+)",
-                     record["instruction"], flags=re.S)
-    assert m, record["instruction"]
-    options = re.split(r" ?Answer\d+: ", m.group(2))[1:]
-    assert m.group(3) == "/".join(f"answer{i + 1}" for i in range(len(options)))
-    return m.group(1), options
-
-
-def _solve(question: str, options: list[str]) -> str:
-    if question == "Which number is the largest?":
-        return str(max(int(o) for o in options))
-    if question == "Which number is the smallest?":
-        return str(min(int(o) for o in options))
-    if question == "Which word comes first alphabetically?":
-        return sorted(options)[0]
-    a, b = re.fullmatch(r"What is (\d+) \+ (\d+)\?", question).groups()
-    return str(int(a) + int(b))
-
-
-def _key(question: str, options: list[str]) -> tuple:
-    return (question,) if question.startswith("What is") else (question, tuple(sorted(options)))
+_DEMO = re.compile(r"Answer red if the word names an animal, blue if a food, green if a country, yellow if a job\."
+                   r"\n\nWord: (\w+)\n\nAnswer format: red/blue/green/yellow")
+_GROUP_OF = {w: g for g, (_, words) in GROUPS.items() for w in words}
+_ANSWER = {"animal": "red", "food": "blue", "country": "green", "job": "yellow"}
 
 
 def test_demo_answers_are_correct_and_splits_disjoint(tmp_path):
+    """Every demo item's answer is its word's group (looked up here), all four groups are in both splits,
+    and no test word occurs in train: the held-out accuracy measures the rule, not memorized items."""
     train, test = demo_records("train"), demo_records("test")
-    assert len(train) == 2000 and len(test) == 200
+    assert len(train) == 2000 and 60 <= len(test) <= 80
     assert demo_records("train") == train and load_records("builtin:demo") == train
     assert load_records("builtin:demo-test") == test == load_records("builtin:demo", split="test")
-    assert demo_records("train", n=50, seed=1) != train[:50]
-    keys = {}
+    assert demo_records("train", n=50, seed=1) != train[:50] and demo_records("train", n=50) == train[:50]
+    words = {}
     for split, records in (("train", train), ("test", test)):
-        positions, kinds = Counter(), Counter()
+        seen = []
         for r in records:
-            question, options = _parse(r)
-            expected = _solve(question, options)
-            assert options.count(expected) == 1
-            k = options.index(expected) + 1
-            assert r["answer"] == f"answer{k}" and r["output"] == f"the correct answer is answer{k}"
+            m = _DEMO.fullmatch(r["instruction"])
+            assert m, r["instruction"]
+            expected = _ANSWER[_GROUP_OF[m.group(1)]]
+            assert r["answer"] == expected and r["output"] == f"the correct answer is {expected}"
             assert r["input"] == ""
-            kinds[re.sub(r"\d+", "N", question)] += 1
-            if len(options) == 4:
-                positions[k] += 1
-            keys.setdefault(split, set()).add(_key(question, options))
-        assert len(kinds) == 4 and min(kinds.values()) > len(records) / 8
-        if split == "train":  # the correct option's position is uniform
-            total = sum(positions.values())
-            assert all(0.2 < positions[k] / total < 0.3 for k in range(1, 5)), positions
-    assert not keys["train"] & keys["test"]
+            seen.append(m.group(1))
+        counts = Counter(_GROUP_OF[w] for w in set(seen))
+        assert set(counts) == set(_ANSWER) and min(counts.values()) >= 10, counts
+        words[split] = set(seen)
+    assert len(words["test"]) == len(test)  # every test word once
+    assert not words["train"] & words["test"]
+    for seed in (1, 7):  # disjoint for any seed and size, not just the defaults
+        assert not {_DEMO.fullmatch(r["instruction"]).group(1) for r in demo_records("train", 3000, seed)} & words["test"]
     path = write_demo(tmp_path / "demo.json", "test", n=20)
     assert load_records(str(path)) == test[:20]
 

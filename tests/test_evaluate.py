@@ -82,7 +82,8 @@ CHOICE_CASES = [
     ("hellaswag", "ending4 then ending1", "ending4", "ending4", True),
     ("winogrande", "option2", "option2", "option1", False),
     ("ARC-Challenge", "no idea", None, "answer1", False),
-    ("demo", "answer4", "answer4", "answer4", True),
+    ("demo", "the correct answer is green", "green", "green", True),
+    ("demo", "blue, not red", "blue", "red", False),
 ]
 
 
@@ -149,7 +150,7 @@ def test_item_labels_follow_answer_format_line(shared: Path) -> None:
     assert item_labels(get_task("arc-easy"), five)[-1] == "answer5"
     assert item_labels(get_task("boolq"), {"instruction": "no format line"}) == ("true", "false")
     demo = prepare_task("demo", "loglikelihood", limit=3)
-    assert len(demo.prompts) == 3 and all(lab[0] == "answer1" for lab in demo.labels)
+    assert len(demo.prompts) == 3 and all(lab == ("red", "blue", "green", "yellow") for lab in demo.labels)
 
 
 # --- token split (lm-eval _encode_pair) --------------------------------------------------------

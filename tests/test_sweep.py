@@ -196,3 +196,34 @@ def test_sweep_table_equals_runs_and_resumes(tmp_path: Path, tiny_llama_dir: Pat
         spec = lib.plan_sweep(str(recipe), "lora", "0", overrides=["optimizer.lr=0.5"], output_dir=out,
                               eval_tasks={"arc-easy": str(test)}, protocol="loglikelihood", limit=6)
         lib.run_sweep(spec, log=lambda _: None)
+
+
+def test_base_row_is_the_untrained_model(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """`base` is scored once (one dir for all seeds), like a plain `evaluate_model` of the base, and never trains."""
+    from nora_cli.evaluate import evaluate_model, load_for_eval, prepare_task
+
+    recipe, test = _write_inputs(tmp_path, tiny_llama_dir)
+    out = tmp_path / "sweep"
+    spec = lib.plan_sweep(str(recipe), "base,lora", "0,1", output_dir=out, eval_tasks={"arc-easy": str(test)},
+                          protocol="loglikelihood", limit=6)
+    table = lib.run_sweep(spec, log=lambda _: None)
+    assert table["actions"] == {"base": {"0": "evaluated", "1": "skipped"}, "lora": {"0": "trained", "1": "trained"}}
+    assert sorted(p.name for p in (out / "base").iterdir()) == ["predictions.jsonl", "results.json",
+                                                                 "sweep_timing.json"]
+    loaded = load_for_eval(str(tiny_llama_dir))
+    ref = evaluate_model(loaded.model, loaded.tokenizer, [prepare_task("arc-easy", "loglikelihood", str(test), limit=6)],
+                         protocol="loglikelihood", progress=False)
+    base = table["runs"]["base"]
+    assert base["0"]["accuracy"] == base["1"]["accuracy"] == {"arc-easy": ref["tasks"]["arc-easy"]["accuracy"]}
+    assert base["0"]["steps"] == 0 and base["0"]["final_train_loss"] is None
+    assert table["summary"]["base"]["final_train_loss"] is None
+    assert "| `base` | — | — | — |" in (out / "table.md").read_text()
+    assert {p.name for p in (out / "loss_curves").iterdir()} == {"lora.png"}
+    assert lib.run_one(spec, spec.variants[0], 1) == "skipped"
+    results = out / "base" / "results.json"
+    results.write_text(results.read_text().replace(json.dumps(str(tiny_llama_dir)), '"another-model"'))
+    assert lib.run_one(spec, spec.variants[0], 0) == "evaluated"  # scored for another base model: stale
+    with pytest.raises(NoraError, match="no @knobs"):
+        lib.parse_methods("base@sigma=0.1")
+    with pytest.raises(NoraError, match="only evaluated"):
+        lib.plan_sweep(str(recipe), "base", "0", overrides=["eval.tasks=[]"], output_dir=out)

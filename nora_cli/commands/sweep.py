@@ -23,7 +23,8 @@ def sweep(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML path or shipped recipe name (causal-lm).")],
     methods: Annotated[
         str,
-        typer.Option("--methods", help="Comma-separated: lora, nora, lora-p, nora+, and LoRA with another init: "
+        typer.Option("--methods", help="Comma-separated: lora, nora, lora-p, nora+, base (the untrained model, "
+                     "evaluated only), and LoRA with another init: "
                      "pissa, pissa_niter_K, olora, gaussian. Per-method knobs: nora@sigma=0.02@side=input "
                      "(sigma, side, init, r, alpha, lr, damping, precondition, normalize, or a dotted recipe key)."),
     ] = "lora,nora",

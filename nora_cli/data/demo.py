@@ -1,13 +1,19 @@
-"""A built-in multiple-choice dataset, generated here (no third-party data), for demos and CI.
+"""A built-in dataset, generated here (no third-party data), for the demo and CI: sort words into 4 groups.
 
-Items follow LLM-Adapters' commonsense_170k layout exactly ({instruction, input, output, answer},
-"the correct answer is answerK"), so the same recipe, template and answer extraction work on the
-demo and on the real benchmarks. The questions (largest/smallest of a few numbers, small sums,
-first word alphabetically) are easy enough that a 135M instruct model visibly improves after ~60
-optimizer steps, and every answer is checkable by recomputation.
+The instruction states a rule: "Answer red if the word names an animal, blue if a food, green if a
+country, yellow if a job", then gives one word. SmolLM2-135M-Instruct does not follow it (the base scores
+near chance, 25%, on the held-out words), yet it knows what the words are, so a LoRA adapter learns to
+apply the rule in ~30 optimizer steps when the loss is on the response only (`train_on_inputs: false`; with
+the prompt in the loss, the one answer token is ~1/70 of it and the adapter learns the prompt instead).
+The test words never occur in training (each word is hashed into one split), so a gain on them is the rule
+applied to new words, not memorized items. Earlier demos taught the 135M model only the answer format: a
+multiple-choice mix with "answerK" labels, and "is N even or odd?" (its loss stayed at the coin-flip floor
+of the answer token for 30 steps).
 
-Train and test are disjoint by construction: each question's content key (the operands, or the
-set of numbers/words) is hashed into one split, so no test question appears in train for any seed.
+Items follow LLM-Adapters' commonsense_170k layout exactly ({instruction, input, output, answer}, an
+"Answer format: red/blue/green/yellow" line like BoolQ's "true/false", "the correct answer is red"), so
+the same recipe, template, answer extraction and loglikelihood scoring work on the demo and on the real
+benchmarks.
 """
 
 from __future__ import annotations
@@ -22,98 +28,71 @@ from typing import Literal
 from nora_cli.errors import NoraError
 
 Split = Literal["train", "test"]
-SIZES: dict[str, int] = {"train": 2000, "test": 200}
-TEST_SHARE = 10  # one content key in TEST_SHARE goes to the test split
+TRAIN_SIZE = 2000  # drawn with replacement from the training words; the test split is every test word once
+TEST_SHARE = 3  # one word in TEST_SHARE goes to the test split
 
-# Common words with distinct first letters, so "first alphabetically" only needs the first letter.
-WORDS = (
-    "apple", "bread", "cloud", "dance", "eagle", "forest", "garden", "house", "island", "jacket",
-    "kitten", "lemon", "mountain", "night", "orange", "pencil", "queen", "river", "summer", "table",
-    "umbrella", "violin", "window", "yellow", "zebra",
-)
-
-# A question: (kind, content key, question text, correct option, distractor options)
-Question = tuple[str, tuple, str, str, list[str]]
-
-
-def _largest(rng: random.Random) -> Question:
-    nums = rng.sample(range(10, 100), 4)
-    best = max(nums)
-    return ("largest", tuple(sorted(nums)), "Which number is the largest?",
-            str(best), [str(n) for n in nums if n != best])
-
-
-def _smallest(rng: random.Random) -> Question:
-    nums = rng.sample(range(10, 100), 4)
-    best = min(nums)
-    return ("smallest", tuple(sorted(nums)), "Which number is the smallest?",
-            str(best), [str(n) for n in nums if n != best])
-
-
-def _addition(rng: random.Random) -> Question:
-    a, b = rng.randint(1, 40), rng.randint(1, 40)
-    total = a + b
-    wrong = rng.sample([total + d for d in (-3, -2, -1, 1, 2, 3)], 2)
-    return ("addition", (a, b), f"What is {a} + {b}?", str(total), [str(w) for w in wrong])
+#: group -> (its answer word, common words of that group, space-separated)
+_GROUP_TEXT: dict[str, tuple[str, str]] = {
+    "animal": ("red",
+        "cat dog horse cow pig sheep goat lion tiger bear wolf fox rabbit mouse rat deer zebra giraffe elephant "
+        "monkey camel donkey eagle owl parrot duck goose frog snake lizard turtle shark whale dolphin salmon crab "
+        "spider bee ant butterfly squirrel kangaroo koala panda leopard cheetah hippo rhino otter seal penguin"),
+    "food": ("blue",
+        "bread cheese butter rice pasta pizza soup salad apple banana orange grape lemon cherry peach pear mango "
+        "carrot potato tomato onion garlic cucumber lettuce cabbage broccoli bean corn egg bacon sausage steak ham "
+        "yogurt cookie cake pie muffin pancake waffle noodle sandwich burger taco honey jam chocolate candy cereal "
+        "popcorn olive"),
+    "country": ("green",
+        "France Germany Spain Italy Portugal Greece Poland Sweden Norway Finland Denmark Ireland Austria Belgium "
+        "Netherlands Switzerland Russia Ukraine Turkey Egypt Kenya Nigeria Ghana Morocco Ethiopia India China "
+        "Japan Korea Vietnam Thailand Indonesia Malaysia Pakistan Iran Iraq Israel Canada Mexico Brazil Argentina "
+        "Chile Peru Colombia Cuba Jamaica Australia Mongolia Nepal Hungary Romania"),
+    "job": ("yellow",
+        "doctor nurse teacher farmer lawyer pilot driver baker butcher chef cook waiter plumber carpenter painter "
+        "singer dancer actor writer poet journalist soldier sailor firefighter policeman judge dentist surgeon "
+        "engineer architect scientist programmer banker cashier clerk mechanic electrician tailor barber gardener "
+        "janitor librarian professor secretary accountant pharmacist photographer musician guitarist astronaut"),
+}
+#: group -> (its answer word, its words)
+GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {g: (a, tuple(t.split())) for g, (a, t) in _GROUP_TEXT.items()}
+LABELS = tuple(answer for answer, _ in GROUPS.values())
+RULE = "Answer red if the word names an animal, blue if a food, green if a country, yellow if a job."
 
 
-def _alphabetical(rng: random.Random) -> Question:
-    words = rng.sample(WORDS, 3)
-    first = min(words)
-    return ("alphabetical", tuple(sorted(words)), "Which word comes first alphabetically?",
-            first, [w for w in words if w != first])
-
-
-#: question kinds, drawn uniformly
-KINDS: tuple[Callable[[random.Random], Question], ...] = (_largest, _smallest, _addition, _alphabetical)
-
-
-def split_of(kind: str, key: tuple) -> Split:
-    """The split a question belongs to, from a stable hash of its content (not of the seed)."""
-    digest = hashlib.sha256(repr((kind, key)).encode()).digest()
+def split_of(word: str) -> Split:
+    """The split a word belongs to, from a stable hash of the word alone (not of the seed)."""
+    digest = hashlib.sha256(f"nora-demo:{word}".encode()).digest()
     return "test" if int.from_bytes(digest[:4], "big") % TEST_SHARE == 0 else "train"
 
 
-def _record(rng: random.Random, question: str, correct: str, distractors: list[str]) -> dict[str, str]:
-    """LLM-Adapters commonsense item with the correct option at a uniformly random position."""
-    options = list(distractors)
-    rng.shuffle(options)
-    pos = rng.randrange(len(options) + 1)
-    options.insert(pos, correct)
-    k = len(options)
-    listing = " ".join(f"Answer{i}: {opt}" for i, opt in enumerate(options, start=1))
-    answer_format = "/".join(f"answer{i}" for i in range(1, k + 1))
+def word_record(word: str, group: str) -> dict[str, str]:
+    """One LLM-Adapters-style item: the rule, the word, the answer word of its group."""
+    answer = GROUPS[group][0]
     return {
-        "instruction": f"Please choose the correct answer to the question: {question}\n\n"
-                       f"{listing}\n\nAnswer format: {answer_format}",
+        "instruction": f"{RULE}\n\nWord: {word}\n\nAnswer format: {'/'.join(LABELS)}",
         "input": "",
-        "output": f"the correct answer is answer{pos + 1}",
-        "answer": f"answer{pos + 1}",
+        "output": f"the correct answer is {answer}",
+        "answer": answer,
     }
 
 
+def demo_words(split: Split) -> list[tuple[str, str]]:
+    """(word, group) of one split, in a fixed order."""
+    return [(w, g) for g, (_, words) in GROUPS.items() for w in words if split_of(w) == split]
+
+
 def demo_records(split: Split, n: int | None = None, seed: int = 0) -> list[dict[str, str]]:
-    """`n` demo items (default 2000 train / 200 test), identical for the same (split, n, seed)."""
-    if split not in SIZES:
+    """Train: `n` items (default 2000) drawn from the training words, a smaller n a prefix of a larger one.
+    Test: every test word once, shuffled by `seed` (the first `n` with n given)."""
+    if split not in ("train", "test"):
         raise NoraError(f"the demo dataset has splits 'train' and 'test', not {split!r}")
-    n = SIZES[split] if n is None else n
+    pool = demo_words(split)
     rng = random.Random(f"nora-demo:{split}:{seed}")
-    records: list[dict[str, str]] = []
-    seen: set[str] = set()
-    attempts = 0
-    while len(records) < n:
-        attempts += 1
-        if attempts > 100 * n + 1000:
-            raise NoraError(f"cannot draw {n} distinct demo questions for split {split!r}")
-        kind, key, question, correct, distractors = rng.choice(KINDS)(rng)
-        if split_of(kind, key) != split:
-            continue
-        record = _record(rng, question, correct, distractors)
-        if record["instruction"] in seen:
-            continue
-        seen.add(record["instruction"])
-        records.append(record)
-    return records
+    if split == "train":
+        picks = [rng.choice(pool) for _ in range(TRAIN_SIZE if n is None else n)]
+    else:
+        picks = rng.sample(pool, len(pool))[:n]
+    return [word_record(w, g) for w, g in picks]
 
 
 def write_demo(path: str | Path, split: Split = "train", n: int | None = None, seed: int = 0) -> Path:

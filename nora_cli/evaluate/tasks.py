@@ -105,7 +105,7 @@ TASKS: dict[str, Task] = {
         _math("singleeq", "SingleEq"),
         _math("mawps", "mawps"),
         _math("aqua", "AQuA", first_letter),
-        _choice("demo", "demo", tuple(f"answer{i}" for i in range(1, 5)), default_data="builtin:demo-test"),
+        _choice("demo", "demo", ("red", "blue", "green", "yellow"), default_data="builtin:demo-test"),  # data/demo.py
         Task("sst2", "SST-2", "fewshot", ("terrible", "great")),
     )
 }
