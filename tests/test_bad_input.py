@@ -286,7 +286,7 @@ MORE_CASES: dict[str, tuple[Setup, str]] = {
     "train-output-under-a-file": (lambda ws: ["train", str(ws.recipe()), "--output-dir", str(ws.root / "data.json" / "run")],
                                   r"data\.json"),
     "merge-out-under-a-file": (lambda ws: ["merge", "--adapter", str(ws.adapter), "--out", str(ws.root / "data.json" / "m")],
-                               r"data\.json: File exists"),
+                               r"data\.json is not a directory"),
     "merge-out-is-a-file": (lambda ws: ["merge", "--adapter", str(ws.adapter), "--out", str(ws.root / "data.json")],
                             r"--out .*data\.json is a file"),
     # --- §3 the schema rejects nonsense ---

@@ -63,6 +63,7 @@ def test_lm_hub_id_fails_fast_with_one_line(tmp_path: Path, offline: bool) -> No
 def test_dreambooth_hub_id_fails_fast_with_one_line(tmp_path: Path, shared: Path) -> None:
     dog = shared / "data" / "dreambooth" / "dog"
     proc, seconds = _run(["train", "sd14-dreambooth-dog", "--set", f"dreambooth.instance_data_dir={dog}",
+                          "--set", "train.mixed_precision=no",  # the recipe's fp16 needs CUDA
                           "-o", str(tmp_path / "out")], _env(tmp_path / "hf"), tmp_path)
     _assert_one_line_fast(proc, seconds, "CompVis/stable-diffusion-v1-4", "cannot reach http://127.0.0.1:")
 
