@@ -268,7 +268,7 @@ def test_cli_both_protocols_on_smollm2(shared: Path, tmp_path: Path, monkeypatch
         assert line["pred"] == line["labels"][max(range(len(line["scores"])), key=line["scores"].__getitem__)]
         if line["task"] == "boolq":  # real-model scores equal the one-forward-per-candidate reference
             ref = _reference_scores(model, tok, line["prompt"], line["candidates"])
-            assert ref == pytest.approx(line["scores"], abs=1e-4)
+            assert ref == pytest.approx(line["scores"], rel=2e-5, abs=1e-4)  # fp32 sums: order varies with threads
 
 
 def test_adapter_equals_merged(smollm2_dir: Path, shared: Path, tmp_path: Path) -> None:
