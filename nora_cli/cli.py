@@ -76,6 +76,16 @@ class _NoraGroup(TyperGroup):
     def main(self, args: Sequence[str] | None = None, *more: Any, standalone_mode: bool = True,
              **extra: Any) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
+        prior_debug = os.environ.get("NORA_DEBUG")  # `--debug` sets it for launched ranks; never beyond this call
+        try:
+            return self._run(argv, more, standalone_mode, extra)
+        finally:
+            if prior_debug is None:
+                os.environ.pop("NORA_DEBUG", None)
+            else:
+                os.environ["NORA_DEBUG"] = prior_debug
+
+    def _run(self, argv: list[str], more: tuple[Any, ...], standalone_mode: bool, extra: dict[str, Any]) -> Any:
         try:
             rc = super().main(argv, *more, standalone_mode=False, **extra)  # returns typer.Exit codes
         except KeyboardInterrupt:

@@ -580,4 +580,5 @@ def test_cli_runner_and_console_script_share_the_table(tmp_path: Path, capsys: p
         assert _run_main(args, capsys) == (2, result.stderr)
     code, err = _run_main(["--debug", "train"], capsys)
     assert code == 2 and "Traceback" in err and err.splitlines()[-1] == "error: Missing argument 'recipe'."
+    assert "NORA_DEBUG" not in os.environ  # --debug lasts one call: later in-process calls get one line again
     assert _run_main([], capsys)[0] == 0  # bare `nora` prints its help
