@@ -24,19 +24,24 @@ from nora_cli.train.fast import (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_llama_dir: Path):
+def _tiny_peft(tiny_llama_dir: Path, dropout: float) -> nn.Module:
+    """The tiny Llama with LoRA on q/v/down and a non-zero B, so every gradient path is exercised."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     model.config.use_cache = False
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, task_type="CAUSAL_LM",
                                                   target_modules=["q_proj", "v_proj", "down_proj"]))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_B" in name:  # a non-zero adapter, so every gradient path is exercised
+            if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
     return peft_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir: Path):
+    return _tiny_peft(tiny_llama_dir, dropout=0.0)
 
 
 def batch() -> dict[str, torch.Tensor]:
@@ -191,18 +196,9 @@ def test_sparse_dropout_in_the_model_matches_peft_dropout_statistically(tiny_lla
     paths cannot be compared draw by draw. Over K draws, the LoRA gradients must have the same mean
     (ρ = ‖mean difference‖² over its expected value (tr Σ₁ + tr Σ₂)/K is ~1; measured 0.92-1.10) and the
     same total variance (measured ratios 0.94-1.08; a wrong p, 0.2 for 0.1, gives 2.2)."""
-    from transformers import AutoModelForCausalLM
-
     def lora_model(swap: bool) -> nn.Module:
         torch.manual_seed(123)  # PEFT draws lora_A from the global RNG: both models get the same adapter
-        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-        model.config.use_cache = False
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="CAUSAL_LM",
-                                                 target_modules=["q_proj", "v_proj", "down_proj"]))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+        model = _tiny_peft(tiny_llama_dir, dropout=0.1)
         if swap:
             assert use_sparse_dropout(model) == 6  # 3 targets × 2 layers
         return model
