@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from nora_cli.commands.factorize import _write_plot
-from nora_cli.factorize import EPS, iters_to_eps, run_preset
+from nora_cli.lab.factorize import EPS, iters_to_eps, run_preset
 
 PRESETS = ("fig1a", "fig1b", "fig1c", "fig4", "thm3")
 OUT = Path(__file__).resolve().parent / "results" / "factorize"

@@ -4,7 +4,7 @@
     python benchmarks/init_cost.py --rounds 1 --skip-7b  # smoke run
 
 SmolLM2-135M: all 7 projection types of all 30 layers (210 LoRA layers, r 32, alpha 64), the real weights.
-nora's side is `nora_cli.init.initialize(model, "nystrom")`; PEFT's sides call PEFT's own per-layer init
+nora's side is `nora_cli.lora.initialize(model, "nystrom")`; PEFT's sides call PEFT's own per-layer init
 (`pissa_init`, `olora_init`, `reset_lora_parameters`) over the same layers, i.e. what
 `get_peft_model(…, LoraConfig(init_lora_weights=…))` runs. Base weights are restored between runs
 (untimed): PiSSA and OLoRA rewrite them.
@@ -53,7 +53,7 @@ def peft_init(layers: list[tuple[str, Any]], arm: str) -> None:
 def init_fn(model: Any, layers: list[tuple[str, Any]], arm: str) -> Callable[[], None]:
     import torch
 
-    from nora_cli.init import initialize
+    from nora_cli.lora import initialize
 
     def run() -> None:
         with torch.no_grad():
@@ -72,7 +72,7 @@ def smollm2(rounds: int, arms: list[str]) -> dict[str, list[float]]:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from nora_cli.init import lora_layers
+    from nora_cli.lora import lora_layers
     from nora_cli.models import load_causal_lm
 
     base, _ = load_causal_lm("smollm2-135m")
@@ -111,7 +111,7 @@ def _layer(name: str, out_f: int, in_f: int, seed: int) -> tuple[Any, list[tuple
     from peft import LoraConfig, get_peft_model
     from torch import nn
 
-    from nora_cli.init import lora_layers
+    from nora_cli.lora import lora_layers
 
     gen = torch.Generator().manual_seed(seed)
     base = nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16)

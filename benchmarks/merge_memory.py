@@ -132,7 +132,7 @@ def write_markdown(path: Path, size: int, runs: dict, tol: list[dict]) -> None:
 
     import torch
 
-    from nora_cli.export.verify import RTOL
+    from nora_cli.tasks.causal_lm.verify import RTOL
 
     base_rss = runs["imports"]["peak_mib"]
     lines = [

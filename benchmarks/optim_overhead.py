@@ -36,9 +36,9 @@ def setup() -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
 
     from nora_cli.data.text import build_datasets, collate, load_records
-    from nora_cli.init import initialize
+    from nora_cli.lora import initialize
     from nora_cli.models import load_causal_lm
-    from nora_cli.train.fast import TrainForward, use_sparse_dropout
+    from nora_cli.tasks.causal_lm.fast import TrainForward, use_sparse_dropout
 
     model, tokenizer = load_causal_lm("smollm2-135m")
     model.config.use_cache = False

@@ -167,8 +167,8 @@ def grouping_padding(model_dir: str, data: Path) -> dict[str, int]:
     micro-batches of 8, shuffled with seed 0): real tokens, and padded tokens without and with nora's
     length grouping of each step's examples. A count, not a timing: compute scales with padded tokens."""
     from nora_cli.data.text import build_datasets, load_records
+    from nora_cli.loop.loop import Schedule, step_indices
     from nora_cli.models import ModelSource, load_tokenizer
-    from nora_cli.train.loop import Schedule, step_indices
 
     tokenizer = load_tokenizer(ModelSource(model_dir, MODEL))
     train, _ = build_datasets(load_records(str(data)), tokenizer, fmt="alpaca", template="alpaca",
@@ -196,7 +196,7 @@ def ablate(model_dir: str, data: Path, rounds: int) -> dict[str, dict[str, list[
 
     from nora_cli.data.text import build_datasets, collate, load_records
     from nora_cli.models import load_causal_lm
-    from nora_cli.train.fast import FAST_PATHS, TrainForward
+    from nora_cli.tasks.causal_lm.fast import FAST_PATHS, TrainForward
 
     model, tokenizer = load_causal_lm(model_dir)
     model.config.use_cache = False
@@ -234,7 +234,7 @@ def ablate(model_dir: str, data: Path, rounds: int) -> dict[str, dict[str, list[
 def _set_dropout(model: Any, *, sparse: bool) -> None:
     from torch import nn
 
-    from nora_cli.train.fast import SparseDropout
+    from nora_cli.tasks.causal_lm.fast import SparseDropout
 
     for module in model.modules():
         drops = getattr(module, "lora_dropout", None)

@@ -1,27 +1,154 @@
-"""Library API of `nora merge`, for the CLI, training and evaluation (implementation in nora_cli.export).
+"""`merge_adapter`: pick the exporter for (task, format), write to a staging dir, verify, move into place.
 
-    merge_adapter(adapter_dir, out_dir, *, base=None, dtype=None, fmt=None, max_shard_size="5GB",
-                  overwrite=False, verify=False, allow_pickle=False) -> MergeReport
-    verify_merge(adapter_dir, export_dir, *, base=None, fmt="merged", dtype="fp32") -> VerifyReport
-    save_converted_adapter(peft_model, out_dir, initial_adapter_dir) -> Path
+Nothing at --out is touched until the export (and --verify) succeeded: exporters write into a
+hidden sibling directory that is renamed onto --out at the end.
 """
 
-from nora_cli.export.api import DEFAULT_FORMAT, EXPORTERS, FORMATS, adapter_task, merge_adapter
-from nora_cli.export.convert import save_converted_adapter
-from nora_cli.export.job import Exporter, ExportJob, MergeReport, VerifyError, VerifyReport
-from nora_cli.export.verify import verify_merge
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_FORMAT",
-    "EXPORTERS",
-    "FORMATS",
-    "ExportJob",
-    "Exporter",
-    "MergeReport",
-    "VerifyError",
-    "VerifyReport",
-    "adapter_task",
-    "merge_adapter",
-    "save_converted_adapter",
-    "verify_merge",
-]
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from nora_cli.errors import NoraError, read_json
+from nora_cli.export.adapter import read_nora
+from nora_cli.export.job import DTYPES, Exporter, ExportJob, MergeReport, VerifyError, peak_rss_mib
+from nora_cli.safety import check_writable, publish_modes
+from nora_cli.tasks.causal_lm.export import export_merged, export_peft
+from nora_cli.tasks.causal_lm.verify import verify_export
+
+FORMATS = ("merged", "peft", "diffusers")
+#: format used when --format is not given
+DEFAULT_FORMAT = {"causal-lm": "merged", "dreambooth": "diffusers"}
+#: (task, format) -> exporter. The diffusion exporters ("dreambooth", "diffusers"/"merged") go here too.
+def _diffusers_lora(job: ExportJob, staging: Path) -> MergeReport:
+    from nora_cli.tasks.dreambooth.export import diffusers_exporter  # diffusers is imported only when needed
+
+    return diffusers_exporter(job, staging)
+
+
+def _merged_pipeline(job: ExportJob, staging: Path) -> MergeReport:
+    from nora_cli.tasks.dreambooth.export import merged_pipeline_exporter
+
+    return merged_pipeline_exporter(job, staging)
+
+
+EXPORTERS: dict[tuple[str, str], Exporter] = {
+    ("causal-lm", "merged"): Exporter(export_merged, verify_export),
+    ("causal-lm", "peft"): Exporter(export_peft, verify_export),
+    ("dreambooth", "diffusers"): Exporter(_diffusers_lora),
+    ("dreambooth", "merged"): Exporter(_merged_pipeline),
+}
+
+
+def adapter_task(adapter_dir: Path) -> str:
+    """nora.json "task"; for a plain PEFT adapter, its task_type (causal-lm when absent)."""
+    task = read_nora(adapter_dir).get("task")
+    if task:
+        return str(task)
+    config_file = adapter_dir / "adapter_config.json"
+    config = read_json(config_file, "adapter config") if config_file.is_file() else {}
+    task_type = config.get("task_type") if isinstance(config, dict) else None
+    return "causal-lm" if task_type in (None, "CAUSAL_LM") else str(task_type).lower()
+
+
+def find_exporter(task: str, fmt: str) -> Exporter:
+    exporter = EXPORTERS.get((task, fmt))
+    if exporter is None:
+        formats = sorted(f for t, f in EXPORTERS if t == task)
+        hint = f"; available: {', '.join(formats)}" if formats else ""
+        raise NoraError(f"--format {fmt} is not available for this adapter (task {task!r}){hint}")
+    return exporter
+
+
+def parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        value = parse_size_to_int(size)
+    except (ValueError, OverflowError):  # "abc", "nanGB", "infGB"
+        value = 0
+    if value <= 0:
+        raise NoraError(f"--max-shard-size {size!r}: expected a positive size like 5GB, 500MB or 100KB")
+    return value
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise NoraError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise NoraError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def _commit(staging: Path, out: Path, overwrite: bool) -> None:
+    """Rename staging onto out; a non-empty out (only with --overwrite) is swapped out, then deleted."""
+    _check_out(out, overwrite)  # again: something may have appeared while we were exporting
+    if out.is_dir() and any(out.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old)  # old is an empty dir, so this rename is allowed and atomic
+        try:
+            os.replace(staging, out)
+        except OSError:
+            os.replace(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)  # onto a missing or empty directory: atomic
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base: str | None = None,
+    dtype: str | None = None,
+    fmt: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    verify: bool = False,
+    allow_pickle: bool = False,
+) -> MergeReport:
+    """Export an adapter as `fmt` (default: "merged" for causal LMs) into `out_dir`.
+
+    Raises NoraError (exit 2) for bad input before anything is written, VerifyError (exit 1) when
+    `verify` finds the export does not reproduce base + adapter; --out is then left as it was.
+    """
+    start = time.perf_counter()
+    adapter_dir = Path(adapter_dir).expanduser()
+    if not adapter_dir.is_dir():
+        raise NoraError(f"adapter directory not found: {adapter_dir}")
+    if dtype is not None and dtype not in DTYPES:
+        raise NoraError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    task = adapter_task(adapter_dir)
+    fmt = fmt or DEFAULT_FORMAT.get(task, "merged")
+    if fmt not in FORMATS:
+        raise NoraError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    exporter = find_exporter(task, fmt)
+    if verify and exporter.verify is None:
+        raise NoraError(f"--verify is not available for --format {fmt} (task {task!r})")
+    out = Path(out_dir).expanduser()
+    _check_out(out, overwrite)
+    check_writable(out, "--out directory")  # before the export, not after minutes of work
+    job = ExportJob(adapter_dir, out, base, dtype, parse_size(max_shard_size), task, fmt, allow_pickle)
+    job.refuse_inside(adapter_dir, "adapter")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        report = exporter.export(job, staging)
+        report.peak_rss_mib = peak_rss_mib()
+        if verify:
+            assert exporter.verify is not None
+            report.verify = exporter.verify(job, staging, report)
+            if not report.verify.passed:
+                raise VerifyError(f"{report.verify.line()}; --out {out} was left unchanged")
+        publish_modes(staging)
+        _commit(staging, out, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful commit
+    report.seconds = time.perf_counter() - start
+    return report

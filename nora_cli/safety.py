@@ -1,4 +1,5 @@
-"""Guards that keep the user's files safe whatever happens: writability probes and SIGTERM → clean exit 143.
+"""Guards that keep the user's files safe whatever happens: atomic writes with plain file modes, writability
+probes, and SIGTERM → clean exit 143.
 
 SIGTERM's default action kills the process on the spot, so `finally:` blocks never run and staging
 directories (a half-written merged model can be gigabytes) stay behind. `exit_on_sigterm` turns the signal
@@ -10,9 +11,12 @@ one afterwards.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +54,73 @@ def check_writable(target: Path, what: str) -> None:
         tempfile.TemporaryDirectory(dir=existing, prefix=".nora-probe-").cleanup()
     except OSError as err:
         raise NoraError(f"{what} {target} is not writable ({existing}: {err.strerror})") from None
+
+
+def fsync_tree(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    """The process umask: from /proc on Linux, else by setting it and putting it back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def publish_modes(root: Path) -> None:
+    """Give a staged file or tree the modes of a plain write (0666/0777 minus the umask) before it is renamed
+    into place: mkstemp/mkdtemp, and safetensors' own atomic save, create everything 0600/0700."""
+    mask = _umask()
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        publish_modes(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
+    """Let `write` fill a fresh temp dir, then swap it in for `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    try:
+        write(tmp)
+        publish_modes(tmp)
+        fsync_tree(tmp)
+        if target.exists():
+            old = target.with_name(f".old-{target.name}-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

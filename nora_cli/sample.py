@@ -37,7 +37,7 @@ TASK_KINDS: dict[str, Kind] = {"dreambooth": "images", "causal-lm": "text"}
 
 
 def _adapter_meta(adapter: Path) -> dict[str, Any]:
-    from nora_cli.diffusion.export import read_nora_json
+    from nora_cli.tasks.dreambooth.export import read_nora_json
 
     if not adapter.is_dir():
         raise NoraError(f"adapter directory not found: {adapter}")
@@ -46,8 +46,8 @@ def _adapter_meta(adapter: Path) -> dict[str, Any]:
 
 def detect_kind(model: str | None, adapter: Path | None) -> Kind:
     """images or text, from the adapter (nora.json task, file layout) or else from the base model."""
-    from nora_cli.diffusion.export import DIFFUSERS_LORA_FILE
-    from nora_cli.diffusion.pipeline import is_pipeline_dir
+    from nora_cli.tasks.dreambooth.export import DIFFUSERS_LORA_FILE
+    from nora_cli.tasks.dreambooth.pipeline import is_pipeline_dir
 
     if adapter is not None:
         task = _adapter_meta(adapter).get("task")
@@ -68,7 +68,7 @@ def detect_kind(model: str | None, adapter: Path | None) -> Kind:
 
 def base_model(model: str | None, adapter: Path | None) -> str:
     """--model if given, else the base recorded with the adapter (nora.json, else adapter_config.json)."""
-    from nora_cli.diffusion.export import adapter_base
+    from nora_cli.tasks.dreambooth.export import adapter_base
 
     if model is not None:
         return model
@@ -124,7 +124,7 @@ def _attach_lora(pipe: Any, adapter: Path, scale: float) -> None:
     """Load the diffusers LoRA file (exporting it from the PEFT adapter first if only that exists)."""
     from diffusers.utils import logging as diffusers_logging
 
-    from nora_cli.diffusion.export import DIFFUSERS_LORA_FILE, export_diffusers_lora
+    from nora_cli.tasks.dreambooth.export import DIFFUSERS_LORA_FILE, export_diffusers_lora
 
     with tempfile.TemporaryDirectory() as tmp:
         lora_dir = adapter
@@ -148,7 +148,7 @@ def sample_images(req: ImageRequest) -> list[ImageRecord]:
     import torch
     from diffusers.utils import make_image_grid
 
-    from nora_cli.diffusion.pipeline import load_pipeline
+    from nora_cli.tasks.dreambooth.pipeline import load_pipeline
 
     device = _device()
     pipe = load_pipeline(req.model, dtype="fp16" if device == "cuda" else "fp32", device=device,
@@ -211,8 +211,8 @@ def sample_text(req: TextRequest) -> list[str]:
     import torch
     from transformers import TextStreamer
 
+    from nora_cli.data.example import Example
     from nora_cli.data.templates import render_prompt
-    from nora_cli.data.text import Example
     from nora_cli.models import load_causal_lm
 
     device = _device()

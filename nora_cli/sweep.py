@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nora_cli.config.load import load_recipe
+from nora_cli.config.schema import METHOD_PRESETS, Recipe
 from nora_cli.errors import NoraError
-from nora_cli.recipe import METHOD_PRESETS, Recipe, load_recipe
 
 BASE = "base"  # the untrained model: evaluated, never trained
 INIT_VARIANTS = ("gaussian", "pissa", "olora")  # + pissa_niter_K: method lora, adapter.init = the name

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from nora_cli.recipe import recipe_reference_markdown
+from nora_cli.config.reference import recipe_reference_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"

@@ -422,7 +422,7 @@ def test_the_table_covers_every_command_with_at_least_80_cases(tmp_path: Path, t
 def test_corrupt_image_is_named(tmp_path: Path) -> None:
     from PIL import Image
 
-    from nora_cli.diffusion.data import ImageFolder
+    from nora_cli.data.images import ImageFolder
 
     Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "good.png")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
@@ -459,7 +459,7 @@ def test_pickled_weights_load_only_when_allowed_and_then_weights_only(tmp_path: 
 
 
 def test_tampered_checkpoint_is_refused(tmp_path: Path) -> None:
-    from nora_cli.train.checkpoint import _load_pt
+    from nora_cli.loop.checkpoint import _load_pt
 
     marker = tmp_path / "PWNED"
 
@@ -476,7 +476,7 @@ def test_tampered_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def test_recipe_paths_expand_tilde_but_never_env_vars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from nora_cli.recipe import load_recipe
+    from nora_cli.config.load import load_recipe
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("NORA_SECRET_DIR", "/etc")

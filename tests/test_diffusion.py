@@ -20,13 +20,17 @@ import torch
 import yaml
 from PIL import Image
 from pydantic import ValidationError
+from tiny_sd import build_tiny_sd_pipeline
 
-from nora_cli.diffusion.data import ImageFolder, ensure_class_images, load_image
-from nora_cli.diffusion.dreambooth import DreamBoothConfig, build_dreambooth_job, validation_due
-from nora_cli.diffusion.export import DIFFUSERS_LORA_FILE, export_diffusers_lora, export_merged_pipeline
-from nora_cli.diffusion.pipeline import build_tiny_sd_pipeline
+from nora_cli.config.schema import Recipe
+from nora_cli.data.images import ImageFolder, ensure_class_images, load_image
 from nora_cli.errors import NoraError
-from nora_cli.recipe import Recipe
+from nora_cli.tasks.dreambooth.export import (
+    DIFFUSERS_LORA_FILE,
+    export_diffusers_lora,
+    export_merged_pipeline,
+)
+from nora_cli.tasks.dreambooth.job import DreamBoothConfig, build_dreambooth_job, validation_due
 
 REPO = Path(__file__).resolve().parents[1]
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -203,7 +207,7 @@ def test_config_rejects_bad_sections() -> None:
 def test_nystrom_init_reaches_the_unet_lora_layers(tiny_sd: Path, shared: Path, tmp_path: Path) -> None:
     from diffusers import UNet2DConditionModel
 
-    from nora_cli.init import gaussian_sketch, lora_layers
+    from nora_cli.lora import gaussian_sketch, lora_layers
     from nora_cli.optim import Preconditioner
 
     recipe = make_recipe(tiny_sd, shared, tmp_path)
@@ -233,9 +237,9 @@ def test_nystrom_b0_lies_in_the_column_space_of_w0(tiny_sd: Path, shared: Path, 
     """B0 = (σ/s)·W0·Ω lies in col(W0) (paper eq. 5), checked with an SVD of each UNet layer's W0. Where W0 has
     full row rank that is trivially true, so the test plants rank-2 weights in every self-attention to_q, and the
     real cross-attention to_k/to_v (64x32) span only half of R^64."""
-    from nora_cli.diffusion.dreambooth import build_model
-    from nora_cli.diffusion.pipeline import load_sd_parts
-    from nora_cli.init import lora_layers
+    from nora_cli.lora import lora_layers
+    from nora_cli.tasks.dreambooth.job import build_model
+    from nora_cli.tasks.dreambooth.pipeline import load_sd_parts
 
     parts = load_sd_parts(str(tiny_sd))
     gen = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""The training forward's CPU fast paths (nora_cli.train.fast): same loss and gradients as the plain forward,
+"""The training forward's CPU fast paths (nora_cli.tasks.causal_lm.fast): same loss and gradients as the plain forward,
 the model left exactly as it was, and SparseDropout drawing the same Bernoulli masks as nn.Dropout."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from nora_cli.train.fast import (
+from nora_cli.tasks.causal_lm.fast import (
     FAST_PATHS,
     SparseDropout,
     TrainForward,
@@ -79,7 +79,7 @@ def reference(model: nn.Module, bf16: bool) -> float:
 @pytest.mark.parametrize("bf16", [False, True])
 def test_each_path_matches_the_plain_forward(tiny: nn.Module, path: str, bf16: bool,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("nora_cli.train.fast.SPLIT_CALL_TOKENS", 0)  # so the 12- and 8-token rows split
+    monkeypatch.setattr("nora_cli.tasks.causal_lm.fast.SPLIT_CALL_TOKENS", 0)  # so the 12- and 8-token rows split
     plain_loss, plain_count, plain_grads = loss_and_grads(tiny, TrainForward(tiny, paths=frozenset()), bf16)
     assert plain_loss == pytest.approx(reference(tiny, bf16), rel=1e-6)
     assert plain_count == 8 + 7  # row 0: 11 shifted labels, 3 of them prompt; row 1: 7 real tokens
@@ -177,7 +177,7 @@ def test_use_sparse_dropout_swaps_lora_dropout_only(tiny_llama_dir: Path) -> Non
 
 
 def test_step_indices_group_each_step_by_length() -> None:
-    from nora_cli.train.loop import Schedule, step_indices
+    from nora_cli.loop.loop import Schedule, step_indices
 
     lengths = [7, 3, 9, 1, 5, 8, 2, 6, 4, 10, 11, 12]
     accum = Schedule(total_steps=6, steps_per_epoch=3, accum=2, micro=2, batch=4)

@@ -1,7 +1,7 @@
-"""Adapter initializations (nora_cli.init): one class per init method, plus layer types and real models.
+"""Adapter initializations (nora_cli.lora): one class per init method, plus layer types and real models.
 
 Expected values are recomputed here from the documented recipe (sha256 seed → CPU N(0,1) sketch), not
-through nora_cli.init's helpers, so a change to the recipe or to which tensor gets written fails.
+through nora_cli.lora's helpers, so a change to the recipe or to which tensor gets written fails.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from nora_cli.errors import NoraError
-from nora_cli.init import INITS, initialize, lora_layers, modifies_base, save_initial_adapter
+from nora_cli.lora import INITS, initialize, lora_layers, modifies_base, save_initial_adapter
 
 IN, OUT, K, R, ALPHA = 16, 24, 2, 4, 8
 
@@ -154,7 +154,7 @@ class TestNystromInput:
 class TestDeterminism:
     SCRIPT = (
         "import sys, torch; from safetensors.torch import save_file; sys.path.insert(0, sys.argv[1]);"
-        "import test_init as t; from nora_cli.init import initialize\n"
+        "import test_init as t; from nora_cli.lora import initialize\n"
         "for seed in map(int, sys.argv[4].split(',')):\n"
         "    for method in ('nystrom', 'lora'):\n"
         "        m = t.peft_two_linear(reverse=sys.argv[3] == 'rev'); torch.manual_seed(int(sys.argv[2]))\n"

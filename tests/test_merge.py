@@ -17,8 +17,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from nora_cli.merge import merge_adapter, save_converted_adapter, verify_merge
+from nora_cli.export.convert import save_converted_adapter
+from nora_cli.merge import merge_adapter
 from nora_cli.models import load_causal_lm, resolve_source
+from nora_cli.tasks.causal_lm.verify import verify_merge
 
 SMOL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.tensor([[1, 17, 42, 7, 99, 3, 64]])

@@ -123,7 +123,7 @@ def test_overwrite_refuses_foreign_files_beside_checkpoints(tmp_path: Path, tiny
 
 
 def test_run_marker_recognises_this_and_the_previous_version(tmp_path: Path) -> None:
-    from nora_cli.train.rundir import is_nora_run, write_marker
+    from nora_cli.run_dir import is_nora_run, write_marker
 
     cases = {"new": None, "old": '{"nora_version": "0.1.0", "method": "nora"}', "foreign": '{"method": "x"}',
              "list": "[1, 2]", "garbage": "\x00not json", "binary": None}
@@ -231,12 +231,12 @@ def test_second_nora_on_a_running_dir_is_refused_then_resume_works(tmp_path: Pat
 def test_lock_is_released_when_its_holder_is_killed(tmp_path: Path) -> None:
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from nora_cli.train.rundir import "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from nora_cli.run_dir import "
          "output_lock\nwith output_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(600)",
          str(out)], stdout=subprocess.PIPE, text=True, env=ENV)
     assert holder.stdout.readline().strip() == "locked"
     from nora_cli.errors import NoraError
-    from nora_cli.train.rundir import output_lock
+    from nora_cli.run_dir import output_lock
 
     with pytest.raises(NoraError, match="in use by another nora process"), output_lock(out):
         pass
@@ -276,7 +276,7 @@ DAMAGE = {
 
 @pytest.mark.parametrize("kind", list(DAMAGE))
 def test_each_kind_of_damage_is_detected(tmp_path: Path, finished: Path, kind: str) -> None:
-    from nora_cli.train import checkpoint as ckpt
+    from nora_cli.loop import checkpoint as ckpt
 
     out = _copy_run(finished, tmp_path / "run").parent / "out"
     damage, names = DAMAGE[kind]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from nora_cli.recipe import recipe_reference_markdown, shipped_recipes
+from nora_cli.config.load import shipped_recipes
+from nora_cli.config.reference import recipe_reference_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()

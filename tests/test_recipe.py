@@ -14,18 +14,17 @@ import yaml
 from typer.testing import CliRunner
 
 from nora_cli.cli import app
-from nora_cli.errors import NoraError
-from nora_cli.recipe import (
-    METHOD_PRESETS,
+from nora_cli.config.load import (
     RECIPES_DIR,
-    Recipe,
     find_recipe,
     load_recipe,
     recipe_description,
-    recipe_json_schema,
     recipe_to_yaml,
     shipped_recipes,
 )
+from nora_cli.config.reference import recipe_json_schema
+from nora_cli.config.schema import METHOD_PRESETS, Recipe
+from nora_cli.errors import NoraError
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -356,8 +355,8 @@ def test_alias_bomb_is_a_short_error_fast(tmp_path: Path) -> None:
 
 def test_warmup_longer_than_an_epoch_based_run_is_refused() -> None:
     """With max_steps the schema checks warmup; with epochs the step count is known once the data is."""
-    from nora_cli.recipe import TrainConfig
-    from nora_cli.train.loop import plan_schedule
+    from nora_cli.config.schema import TrainConfig
+    from nora_cli.loop.loop import plan_schedule
 
     cfg = TrainConfig(batch_size=2, micro_batch_size=2, epochs=1, warmup_steps=3)
     assert plan_schedule(6, cfg, 1).total_steps == 3

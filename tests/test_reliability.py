@@ -23,8 +23,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from nora_cli.config.load import load_recipe
 from nora_cli.errors import NoraError
-from nora_cli.recipe import load_recipe
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 for _fault in ("NORA_FAULT_KILL_AT_STEP", "NORA_FAULT_NAN_AT_STEP", "NORA_FAULT_KILL_IN_CHECKPOINT"):

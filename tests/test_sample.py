@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_sd import build_tiny_sd_pipeline
 from typer.testing import CliRunner
 
 from nora_cli.cli import app
-from nora_cli.diffusion.dreambooth import build_dreambooth_job
-from nora_cli.diffusion.pipeline import build_tiny_sd_pipeline
-from nora_cli.recipe import Recipe
+from nora_cli.config.schema import Recipe
+from nora_cli.tasks.dreambooth.job import build_dreambooth_job
 
 runner = CliRunner()
 IMAGE_ARGS = ["--prompt", "a sks dog", "--steps", "3", "--height", "32", "--width", "32", "--scheduler", "ddim"]

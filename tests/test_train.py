@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from nora_cli.recipe import load_recipe
+from nora_cli.config.load import load_recipe
 from nora_cli.train import train_recipe
 
 # One intra-op thread: MKL/OpenMP may otherwise pick the thread count per call from the machine's
@@ -276,8 +276,8 @@ def test_fp16_scaler_skips_a_gradient_the_preconditioner_made_non_finite(
         policy: str) -> None:
     """GradScaler checks the gradients when they are unscaled, before NoRA+ preconditions them; with λ = 0 a
     singular Gram matrix turns finite gradients into inf after that check. The loop must catch it."""
+    from nora_cli.loop.loop import NonFiniteLoss
     from nora_cli.optim import Preconditioner
-    from nora_cli.train.loop import NonFiniteLoss
 
     real_apply = Preconditioner.apply
 

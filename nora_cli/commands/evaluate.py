@@ -73,7 +73,7 @@ def evaluate(
     tasks: list[str] = [t.strip() for t in task.split(",") if t.strip()] if task else []
     settings: dict = {}
     if recipe is not None:
-        from nora_cli.recipe import load_recipe
+        from nora_cli.config.load import load_recipe
 
         r = load_recipe(recipe)
         model = model or r.model.source

@@ -1,6 +1,6 @@
 """`nora factorize`: replay the paper's matrix-factorization theory (Figs. 1 and 4, Thms 3-4).
 
-Validates flags, calls `nora_cli.factorize` (imported lazily: it pulls in torch), then prints a
+Validates flags, calls `nora_cli.lab.factorize` (imported lazily: it pulls in torch), then prints a
 table or exactly one JSON object, and optionally writes a log-scale error-vs-iteration PNG.
 Numeric flags are parsed here rather than by Click so a bad value is a one-line NoraError.
 """
@@ -96,7 +96,7 @@ def factorize(
         "damping": _number("--damping", damping),
         "iters": steps,
     }
-    from nora_cli import factorize as lab  # imports torch: only after the cheap checks
+    from nora_cli.lab import factorize as lab  # imports torch: only after the cheap checks
 
     if preset is not None:
         result = lab.run_preset(preset, seed_, steps, dtype)

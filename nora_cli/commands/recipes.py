@@ -32,7 +32,7 @@ def list_() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from nora_cli.recipe import recipe_description, recipes_dir, shipped_recipes
+    from nora_cli.config.load import recipe_description, recipes_dir, shipped_recipes
 
     table = Table(title=f"recipes in {recipes_dir()}")
     for column in ("name", "method", "model"):
@@ -50,8 +50,8 @@ def list_() -> None:
 @app.command("show")
 def show(name: RecipeArg) -> None:
     """Print a recipe's YAML verbatim (redirect it to a file to start your own)."""
+    from nora_cli.config.load import find_recipe
     from nora_cli.errors import read_text
-    from nora_cli.recipe import find_recipe
 
     sys.stdout.write(read_text(find_recipe(name), "recipe"))
 
@@ -59,7 +59,7 @@ def show(name: RecipeArg) -> None:
 @app.command("schema")
 def schema() -> None:
     """Print the recipe JSON schema (every key, type, default and meaning)."""
-    from nora_cli.recipe import recipe_json_schema
+    from nora_cli.config.reference import recipe_json_schema
 
     print(json.dumps(recipe_json_schema(), indent=2))
 
@@ -70,8 +70,8 @@ def validate(name: RecipeArg, overrides: SetOption = None) -> None:
 
     Also checks, without loading the model, that a local model source and the data exist and that the
     records parse (what `nora train` checks before loading anything); what was checked goes to stderr."""
+    from nora_cli.config.load import load_recipe, recipe_to_yaml
     from nora_cli.data.check import check_data
-    from nora_cli.recipe import load_recipe, recipe_to_yaml
     from nora_cli.train import check_model_exists
 
     recipe = load_recipe(name, overrides or [])

@@ -49,7 +49,7 @@ def sweep(
     ] = None,
 ) -> None:
     from nora_cli import sweep as lib
-    from nora_cli.train.loop import TrainingStopped
+    from nora_cli.loop.loop import TrainingStopped
 
     spec = lib.plan_sweep(
         recipe, methods, seeds, overrides=list(set_ or []), output_dir=output_dir,

@@ -31,9 +31,9 @@ def train(
         bool, typer.Option("--allow-pickle", help="Also load pickled .bin/.pt base weights (weights_only=True).")
     ] = False,
 ) -> None:
-    from nora_cli.recipe import load_recipe
+    from nora_cli.config.load import load_recipe
+    from nora_cli.run_dir import output_lock
     from nora_cli.train import preflight
-    from nora_cli.train.rundir import output_lock
 
     overrides = list(set_ or [])
     if allow_pickle:
@@ -46,8 +46,8 @@ def train(
         with output_lock(out):  # held by the launcher for all its ranks
             raise SystemExit(_launch(nproc, recipe, overrides, out, resume, overwrite))
 
+    from nora_cli.loop.loop import Aborted, TrainingStopped
     from nora_cli.train import train_recipe
-    from nora_cli.train.loop import Aborted, TrainingStopped
 
     try:
         summary = train_recipe(rec, out, resume=resume, overwrite=overwrite)
@@ -86,8 +86,8 @@ def _launch(nproc: int, recipe: str, overrides: list[str], out: Path, resume: bo
     """
     import torch
 
+    from nora_cli.run_dir import LOCK_ENV
     from nora_cli.safety import Terminated
-    from nora_cli.train.rundir import LOCK_ENV
 
     config = os.environ.get("NORA_ACCELERATE_CONFIG")
     if config and not Path(config).is_file():

@@ -1,11 +1,13 @@
 """Text data: loading, record formats, prompt templates, tokenization with exact loss masks, collation."""
 
 from nora_cli.data.demo import demo_records, write_demo
+from nora_cli.data.example import Example
+
+# demo_records, write_demo
 from nora_cli.data.templates import TEMPLATES, alpaca_eval_prompt, alpaca_prompt, render, render_prompt
 from nora_cli.data.text import (
     FORMATS,
     IGNORE_INDEX,
-    Example,
     build_datasets,
     collate,
     load_records,

@@ -40,7 +40,7 @@ def check_text_data(dcfg: Any) -> str:
 
 def check_images(cfg: Any) -> str:
     """Instance images exist and the first decodes; a class folder to be generated must be writable."""
-    from nora_cli.diffusion.data import IMAGE_SUFFIXES, list_images, load_image
+    from nora_cli.data.images import IMAGE_SUFFIXES, list_images, load_image
     from nora_cli.safety import check_writable
 
     images = list_images(cfg.instance_data_dir)

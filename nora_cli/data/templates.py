@@ -21,7 +21,7 @@ from nora_cli.errors import NoraError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from nora_cli.data.text import Example
+    from nora_cli.data.example import Example
 
 # --- LLM-Adapters' exact strings -------------------------------------------------------------
 # In finetune.py the f-strings are indented inside the function body, so every line after the

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nora_cli.data.example import Example
 from nora_cli.data.templates import render
 from nora_cli.errors import NoraError, read_text
 
@@ -23,15 +23,6 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100  # label value that cross-entropy skips (torch's default ignore_index)
 
 
-@dataclass(frozen=True)
-class Example:
-    """One normalized training/eval item; templates decide how it becomes text."""
-
-    instruction: str = ""
-    input: str = ""
-    output: str = ""  # the target text the model learns to produce
-    answer: str | None = None  # gold label for evaluation ("answer2", "72"), if the record has one
-    messages: tuple[dict[str, str], ...] = ()  # chat format only: ({"role", "content"}, ...)
 
 
 # --- formats: raw record -> Example ----------------------------------------------------------

@@ -176,7 +176,7 @@ def refuse_mutated_init(adapter: Adapter) -> None:
         raise NoraError(
             f"{adapter.path} was saved with init_lora_weights={init!r}: its factors are relative to a base that "
             "the init modified, so merging into the original base would be wrong; save it converted with "
-            "nora_cli.merge.save_converted_adapter (PEFT path_initial_model_for_weight_conversion)"
+            "nora_cli.export.convert.save_converted_adapter (PEFT path_initial_model_for_weight_conversion)"
         )
 
 

@@ -21,78 +21,9 @@ from typing import Any
 import torch
 
 from nora_cli.errors import NoraError
+from nora_cli.safety import atomic_write, fsync_tree, publish_modes
 
 CKPT_DIR = "checkpoints"
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    """The process umask: from /proc on Linux, else by setting it and putting it back at once."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-def publish_modes(root: Path) -> None:
-    """Give a staged file or tree the modes of a plain write (0666/0777 minus the umask) before it is renamed
-    into place: mkstemp/mkdtemp, and safetensors' own atomic save, create everything 0600/0700."""
-    mask = _umask()
-    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
-        if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        publish_modes(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
-    """Let `write` fill a fresh temp dir, then swap it in for `target`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
-    try:
-        write(tmp)
-        publish_modes(tmp)
-        _fsync_tree(tmp)
-        if target.exists():
-            old = target.with_name(f".old-{target.name}-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 def final_artifacts(out_dir: Path, write: Callable[[Path], None]) -> dict[str, Path]:
@@ -102,7 +33,7 @@ def final_artifacts(out_dir: Path, write: Callable[[Path], None]) -> dict[str, P
     try:
         write(tmp)
         publish_modes(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         # adapter_config.json goes last: until it is in place, a half-moved adapter is not loadable as one
         for entry in sorted(tmp.iterdir(), key=lambda e: (e.name == "adapter_config.json", e.name)):
             dest = out_dir / entry.name
@@ -325,7 +256,7 @@ def save(
         state = {"step": step, "best_val": best_val if best_val != float("inf") else None}
         (staging / "state.json").write_text(json.dumps(state))  # written last: marks completeness
         publish_modes(staging)
-        _fsync_tree(staging)
+        fsync_tree(staging)
         if target.exists():  # re-saving a step: move the old copy aside first, never delete it in place
             aside = root / f".old-{target.name}"
             shutil.rmtree(aside, ignore_errors=True)

@@ -20,18 +20,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nora_cli import run_dir as rundir
 from nora_cli.errors import NoraError
-from nora_cli.train import rundir
 
 
 def _lm_job(recipe: Any, device: Any, out_dir: Path) -> Any:
-    from nora_cli.train.lm import build_lm_job
+    from nora_cli.tasks.causal_lm.job import build_lm_job
 
     return build_lm_job(recipe, device, out_dir)
 
 
 def _dreambooth_job(recipe: Any, device: Any, out_dir: Path) -> Any:
-    from nora_cli.diffusion.dreambooth import build_dreambooth_job
+    from nora_cli.tasks.dreambooth.job import build_dreambooth_job
 
     return build_dreambooth_job(recipe, device, out_dir)
 
@@ -47,8 +47,8 @@ def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
 
     Only a directory nora's run marker identifies (see rundir.py) is continued or replaced; anything else
     that is not empty is refused untouched."""
+    from nora_cli.run_dir import MARKER, is_nora_run
     from nora_cli.safety import check_writable
-    from nora_cli.train.rundir import MARKER, is_nora_run
 
     if resume and overwrite:
         raise NoraError("--resume and --overwrite exclude each other")
@@ -77,7 +77,7 @@ def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Calla
     hidden `OVERWRITTEN` folder inside the same, locked directory, deleted once the new run completes).
     Returns `finish(ok)`: on success, on --resume, it sets damaged checkpoints aside and removes what a killed
     run left half-written and its metrics past the last checkpoint; on failure it puts everything back."""
-    from nora_cli.train.rundir import is_nora_run, write_marker
+    from nora_cli.run_dir import is_nora_run, write_marker
 
     check_output_dir(out_dir, resume=resume, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Calla
     def finish(ok: bool) -> None:
         if ok:
             if resume:
-                from nora_cli.train import checkpoint as ckpt
+                from nora_cli.loop import checkpoint as ckpt
 
                 ckpt.set_aside_damaged(out_dir)
                 ckpt.clean_stale(out_dir)
@@ -154,8 +154,8 @@ def preflight(recipe: Any, out_dir: Path, *, resume: bool, overwrite: bool) -> N
         PREFLIGHT[recipe.task](recipe)
     check_data(recipe)
     if resume and out_dir.is_dir() and any(out_dir.iterdir()):
-        from nora_cli.train import checkpoint as ckpt
-        from nora_cli.train.rundir import check_resume_recipe
+        from nora_cli.loop import checkpoint as ckpt
+        from nora_cli.run_dir import check_resume_recipe
 
         check_resume_recipe(out_dir, recipe)
         ckpt.newest_usable(out_dir)  # none usable: exit 2 naming the file, before the model loads
@@ -221,7 +221,7 @@ def checkpoint_bytes_needed(model: Any, recipe: Any, total_steps: int) -> int:
 
 
 def check_disk_space(out_dir: Path, need: int) -> None:
-    from nora_cli.train import checkpoint as ckpt
+    from nora_cli.loop import checkpoint as ckpt
 
     root = out_dir / ckpt.CKPT_DIR  # on --resume, existing checkpoints get rotated out: their space counts
     have = shutil.disk_usage(out_dir).free
@@ -273,8 +273,8 @@ def train_recipe(recipe: Any, out_dir: Path, *, resume: bool = False, overwrite:
 def _train_locked(recipe: Any, out_dir: Path, *, resume: bool, overwrite: bool) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
-    from nora_cli.recipe import recipe_to_yaml
-    from nora_cli.train import loop
+    from nora_cli.config.load import recipe_to_yaml
+    from nora_cli.loop import loop
 
     accelerator = make_accelerator(recipe)
     main = accelerator.is_main_process

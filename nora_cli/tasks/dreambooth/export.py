@@ -133,7 +133,7 @@ def adapter_base(adapter_dir: str | Path) -> str:
 def export_merged_pipeline(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
                            dtype: str = "fp32") -> Path:
     """A full diffusers pipeline directory with the LoRA fused into the UNet (and text encoder)."""
-    from nora_cli.diffusion.pipeline import load_pipeline
+    from nora_cli.tasks.dreambooth.pipeline import load_pipeline
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     pipe = load_pipeline(base or adapter_base(adapter_dir), dtype=dtype)

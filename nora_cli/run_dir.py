@@ -62,7 +62,7 @@ def marker_meta() -> dict[str, Any]:
 
 def write_marker(out_dir: Path) -> None:
     """The first file of a fresh run; `write_run_info` later extends it with the run's details."""
-    from nora_cli.train.checkpoint import atomic_write
+    from nora_cli.safety import atomic_write
 
     atomic_write(out_dir / MARKER, (json.dumps(marker_meta(), indent=2) + "\n").encode())
 
@@ -137,7 +137,7 @@ def recipe_changes(old_yaml: str, new_yaml: str) -> list[str]:
 
 def check_resume_recipe(out_dir: Path, recipe: Any) -> None:
     """Refuse a --resume whose recipe would change what the checkpointed run computes."""
-    from nora_cli.recipe import recipe_to_yaml
+    from nora_cli.config.load import recipe_to_yaml
 
     saved = out_dir / "recipe.yaml"
     if not saved.is_file():

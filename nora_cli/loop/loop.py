@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from nora_cli.errors import NoraError
-from nora_cli.train import checkpoint as ckpt
-from nora_cli.train.job import Job
-from nora_cli.train.metrics import MetricsLog, peak_memory_mb
+from nora_cli.loop import checkpoint as ckpt
+from nora_cli.loop.job import Job
+from nora_cli.loop.metrics import MetricsLog, peak_memory_mb
 
 
 class TrainingStopped(Exception):

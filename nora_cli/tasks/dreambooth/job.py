@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nora_cli.config.schema import UNET_TARGET_MODULES, DreamBoothConfig
 from nora_cli.errors import NoraError
-from nora_cli.recipe import UNET_TARGET_MODULES, DreamBoothConfig
-from nora_cli.train.job import Job, LossOutput
+from nora_cli.loop.job import Job, LossOutput
 
 if TYPE_CHECKING:
-    from nora_cli.diffusion.pipeline import SDParts
+    from nora_cli.tasks.dreambooth.pipeline import SDParts
 
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 #: inits that leave W0 untouched, so the adapter is a plain diffusers LoRA on the unmodified base
@@ -150,7 +150,7 @@ def build_model(parts: SDParts, recipe: Any) -> DreamBoothModel:
     """Attach LoRA (UNet, optionally text encoder), apply the recipe's init, keep LoRA weights in fp32."""
     from diffusers.training_utils import cast_training_params
 
-    from nora_cli.init import initialize
+    from nora_cli.lora import initialize
 
     acfg, cfg = recipe.adapter, recipe.dreambooth
     if acfg.init not in SUPPORTED_INITS:
@@ -203,8 +203,8 @@ def cache_latents(examples: Any, vae: Any) -> list[dict[str, torch.Tensor]]:
 
 def generate_class_images(parts: SDParts, cfg: DreamBoothConfig) -> int:
     """Fill class_data_dir up to num_class_images with the (still LoRA-free) base model."""
-    from nora_cli.diffusion.data import ensure_class_images
-    from nora_cli.diffusion.pipeline import pipeline_from_parts
+    from nora_cli.data.images import ensure_class_images
+    from nora_cli.tasks.dreambooth.pipeline import pipeline_from_parts
 
     pipe = pipeline_from_parts(parts)
 
@@ -245,7 +245,7 @@ def _mkparent(path: Path) -> Path:
 def sample_validation_grid(model: nn.Module, parts: SDParts, cfg: DreamBoothConfig) -> Any:
     from diffusers.utils import make_image_grid
 
-    from nora_cli.diffusion.pipeline import pipeline_from_parts
+    from nora_cli.tasks.dreambooth.pipeline import pipeline_from_parts
 
     inner = getattr(model, "module", model)  # DDP
     pipe = pipeline_from_parts(parts, unet=inner.unet, text_encoder=inner.text_encoder)
@@ -267,7 +267,7 @@ def sample_validation_grid(model: nn.Module, parts: SDParts, cfg: DreamBoothConf
 
 
 def _validation(parts: SDParts, recipe: Any, n_examples: int) -> Any:
-    from nora_cli.train.loop import plan_schedule
+    from nora_cli.loop.loop import plan_schedule
 
     last = plan_schedule(n_examples, recipe.train, 1).total_steps  # the step count does not depend on processes
     every = recipe.dreambooth.validation_steps or recipe.train.eval_steps
@@ -277,9 +277,9 @@ def _validation(parts: SDParts, recipe: Any, n_examples: int) -> Any:
 
 def build_dreambooth_job(recipe: Any, device: Any, out_dir: Path | None = None) -> Job:
     """Load the SD pipeline parts, attach + initialize LoRA, read the images, and describe the run."""
-    from nora_cli.diffusion.data import DreamBoothExamples, ImageFolder
-    from nora_cli.diffusion.export import save_adapter
-    from nora_cli.diffusion.pipeline import load_sd_parts
+    from nora_cli.data.images import DreamBoothExamples, ImageFolder
+    from nora_cli.tasks.dreambooth.export import save_adapter
+    from nora_cli.tasks.dreambooth.pipeline import load_sd_parts
 
     cfg: DreamBoothConfig | None = getattr(recipe, "dreambooth", None)
     if cfg is None:

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nora_cli.cpu_kernels import onednn_available, onednn_linear
-from nora_cli.train.job import LossOutput
+from nora_cli.loop.job import LossOutput
 
 FAST_PATHS = ("gather", "low_precision", "onednn", "eager", "split", "dropout")
 EAGER_MAX_LEN = 512  # eager attention stores B·heads·T² scores per layer; above this, keep SDPA

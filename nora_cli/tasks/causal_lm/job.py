@@ -9,15 +9,15 @@ from typing import Any
 import torch
 
 from nora_cli.errors import NoraError
-from nora_cli.train.fast import TrainForward, enabled_fast_paths, use_sparse_dropout
-from nora_cli.train.job import Job
+from nora_cli.loop.job import Job
+from nora_cli.tasks.causal_lm.fast import TrainForward, enabled_fast_paths, use_sparse_dropout
 
 
 def build_peft_model(model: Any, recipe: Any) -> Any:
     """get_peft_model + the recipe's init, computed from the real (loaded) base weights."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from nora_cli.init import initialize
+    from nora_cli.lora import initialize
     from nora_cli.models import keep_trainable_4bit_layout
 
     mcfg, acfg = recipe.model, recipe.adapter
@@ -76,7 +76,7 @@ def build_lm_job(recipe: Any, device: torch.device, out_dir: Path) -> Job:
     modifies_base = bool(getattr(peft_model, "nora_modifies_base", False))
     initial_dir = out_dir / "initial_adapter"
     if modifies_base:
-        from nora_cli.init import save_initial_adapter
+        from nora_cli.lora import save_initial_adapter
 
         save_initial_adapter(peft_model, initial_dir)
     if mcfg.quantization is None:
@@ -91,7 +91,7 @@ def build_lm_job(recipe: Any, device: torch.device, out_dir: Path) -> Job:
 
     def save_final(model: Any, target: Path) -> None:
         if modifies_base:
-            from nora_cli.merge import save_converted_adapter
+            from nora_cli.export.convert import save_converted_adapter
 
             save_converted_adapter(model, target, initial_dir)
         else:

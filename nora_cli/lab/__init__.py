@@ -1,0 +1,1 @@
+"""The paper's theory lab (`nora factorize`)."""

@@ -1,0 +1,1 @@
+"""DreamBooth LoRA for Stable Diffusion: the training job, the pipeline, diffusers export."""
