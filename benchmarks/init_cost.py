@@ -70,13 +70,14 @@ def init_fn(model: Any, layers: list[tuple[str, Any]], arm: str) -> Callable[[],
 
 def smollm2(rounds: int, arms: list[str]) -> dict[str, list[float]]:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    from nora_cli.lora import lora_layers
+    from nora_cli.config.schema import AdapterConfig
+    from nora_cli.lora import lora_config, lora_layers
     from nora_cli.models import load_causal_lm
 
     base, _ = load_causal_lm("smollm2-135m")
-    model = get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS))
+    model = get_peft_model(base, lora_config(AdapterConfig(r=R, alpha=ALPHA, target_modules=TARGETS)))
     layers = lora_layers(model)
     assert len(layers) == 210, len(layers)
     originals = [layer.get_base_layer().weight.detach().clone() for _, layer in layers]
@@ -85,7 +86,6 @@ def smollm2(rounds: int, arms: list[str]) -> dict[str, list[float]]:
         with torch.no_grad():
             for (_, layer), weight in zip(layers, originals, strict=True):
                 layer.get_base_layer().weight.copy_(weight)
-        model.nora_modifies_base = False  # let initialize() run again on the restored weights
 
     def timed(arm: str) -> Callable[[], float]:
         fn = init_fn(model, layers, arm)
@@ -108,10 +108,11 @@ def _layer(name: str, out_f: int, in_f: int, seed: int) -> tuple[Any, list[tuple
     """model.layers.0.<section>.<name>: one bf16 Linear (random, scaled like a trained layer) in PEFT's LoRA
     layer, inside a module tree that names it as Llama does (the name seeds nora's sketch)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from torch import nn
 
-    from nora_cli.lora import lora_layers
+    from nora_cli.config.schema import AdapterConfig
+    from nora_cli.lora import lora_config, lora_layers
 
     gen = torch.Generator().manual_seed(seed)
     base = nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16)
@@ -123,7 +124,7 @@ def _layer(name: str, out_f: int, in_f: int, seed: int) -> tuple[Any, list[tuple
         node.add_module(part, nn.Module())
         node = getattr(node, part)
     node.add_module(name, base)
-    model = get_peft_model(root, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=[name]))
+    model = get_peft_model(root, lora_config(AdapterConfig(r=R, alpha=ALPHA, target_modules=[name])))
     return model, lora_layers(model)
 
 

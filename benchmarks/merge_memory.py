@@ -76,8 +76,10 @@ def measure(mode: str, adapter: Path, base: Path, out: Path) -> dict:
 
 def prepare(work: Path) -> tuple[Path, Path, int]:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
+    from nora_cli.config.schema import AdapterConfig
+    from nora_cli.lora import lora_config
     from nora_cli.models import load_causal_lm
 
     model, tokenizer = load_causal_lm("smollm2-135m")
@@ -85,7 +87,8 @@ def prepare(work: Path) -> tuple[Path, Path, int]:
     model.save_pretrained(base, max_shard_size=SHARD)
     tokenizer.save_pretrained(base)
     torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    adapter = AdapterConfig(r=8, alpha=16, target_modules=TARGETS)
+    peft_model = get_peft_model(model, lora_config(adapter, task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:

@@ -33,10 +33,11 @@ GOAL = 1.05
 
 def setup() -> dict[str, Any]:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
+    from nora_cli.config.schema import AdapterConfig
     from nora_cli.data.text import build_datasets, collate, load_records
-    from nora_cli.lora import initialize
+    from nora_cli.lora import initialize, lora_config
     from nora_cli.models import load_causal_lm
     from nora_cli.tasks.causal_lm.fast import TrainForward, use_sparse_dropout
 
@@ -46,8 +47,8 @@ def setup() -> dict[str, Any]:
     train, _ = build_datasets(load_records(str(data)), tokenizer, fmt="alpaca", template="alpaca",
                               cutoff_len=CUTOFF, train_on_inputs=True, add_eos=True, val_set_size=0, seed=0,
                               shuffle=False)
-    peft_model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
-                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
+    adapter = AdapterConfig(r=R, alpha=ALPHA, dropout=DROPOUT, target_modules="all-linear")
+    peft_model = get_peft_model(model, lora_config(adapter, task_type="CAUSAL_LM"))
     initialize(peft_model, "nystrom", seed=0)
     use_sparse_dropout(peft_model)
     peft_model.train()

@@ -192,9 +192,11 @@ def ablate(model_dir: str, data: Path, rounds: int) -> dict[str, dict[str, list[
     """Seconds of one fwd+bwd on 8-example batches with all fast paths on, each one off in turn, and all off;
     the arms alternate and the batches rotate, so every arm sees the same batches."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
+    from nora_cli.config.schema import AdapterConfig
     from nora_cli.data.text import build_datasets, collate, load_records
+    from nora_cli.lora import lora_config
     from nora_cli.models import load_causal_lm
     from nora_cli.tasks.causal_lm.fast import FAST_PATHS, TrainForward
 
@@ -203,8 +205,8 @@ def ablate(model_dir: str, data: Path, rounds: int) -> dict[str, dict[str, list[
     train, _ = build_datasets(load_records(str(data)), tokenizer, fmt="alpaca", template="alpaca",
                               cutoff_len=CUTOFF, train_on_inputs=True, add_eos=True, val_set_size=0, seed=0,
                               shuffle=False)
-    peft_model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT,
-                                                  target_modules=TARGETS, task_type="CAUSAL_LM"))
+    adapter = AdapterConfig(r=R, alpha=ALPHA, dropout=DROPOUT, target_modules=TARGETS)
+    peft_model = get_peft_model(model, lora_config(adapter, task_type="CAUSAL_LM"))
     batches = [collate(train[i * BATCH:(i + 1) * BATCH], tokenizer.pad_token_id) for i in range(4)]
     every = frozenset(FAST_PATHS)
     configs = {"all on": every, **{f"without {p}": every - {p} for p in FAST_PATHS}, "all off": frozenset()}

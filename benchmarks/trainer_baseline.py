@@ -97,6 +97,7 @@ def main() -> None:
     tokenizer.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     model.config.use_cache = False
+    # deliberately plain PEFT (not nora_cli.lora.lora_config): this is the vanilla baseline nora is timed against
     config = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, bias="none",
                         target_modules=args.targets.split(","), task_type="CAUSAL_LM")
     model = get_peft_model(model, config)

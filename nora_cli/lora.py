@@ -14,20 +14,23 @@ without communication, whatever the module order or RNG state.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from nora_cli.config.names import PISSA_NITER
 from nora_cli.errors import NoraError
 
 if TYPE_CHECKING:
     import torch
+    from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
     from torch import nn
+
+    from nora_cli.config.schema import AdapterConfig
 
 Side = Literal["output", "input"]
 
@@ -43,7 +46,18 @@ class InitOptions:
 
 
 @dataclass(frozen=True)
+class InitResult:
+    """What `initialize` did: the nora.json "init" block and whether W0 was rewritten (then save the
+    initial adapter now, so export can convert back to a plain LoRA on the original base)."""
+
+    options: InitOptions
+    modifies_base: bool
+
+
+@dataclass(frozen=True)
 class InitMethod:
+    """One entry of `INITS`, the registry of init names (config.names.InitName mirrors its keys)."""
+
     apply: Callable[[LoraLayer, str, str, InitOptions], None]  # (layer, module name, adapter, options)
     modifies_base: bool  # True: W0 is replaced by a residual; export must convert to plain LoRA
     kinds: tuple[str, ...] | None = None  # base layer kinds (see _WEIGHTS) it supports; None: PEFT decides
@@ -232,6 +246,7 @@ def _olora(layer: LoraLayer, name: str, adapter: str, opts: InitOptions) -> None
     _keep_dtype(layer, adapter, lambda: layer.olora_init(adapter))
 
 
+#: the init registry: config.names.InitName lists the same names in the same order (tests/test_recipe.py)
 INITS: dict[str, InitMethod] = {
     "lora": InitMethod(_peft_random(True), modifies_base=False),  # Kaiming-uniform A, zero B
     "gaussian": InitMethod(_peft_random("gaussian"), modifies_base=False),  # A ~ N(0, 1/r), zero B
@@ -241,13 +256,12 @@ INITS: dict[str, InitMethod] = {
     "olora": InitMethod(_olora, modifies_base=True, kinds=(LINEAR,)),
     "nystrom": InitMethod(_nystrom, modifies_base=False, kinds=ALL_KINDS),
 }
-_PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d*")
 
 
 def init_method(name: str) -> InitMethod:
     if name in INITS:
         return INITS[name]
-    if _PISSA_NITER.fullmatch(name):
+    if PISSA_NITER.match(name):
         return INITS["pissa"]
     valid = ", ".join([*INITS, "pissa_niter_K"])
     raise NoraError(f"unknown init {name!r}; valid: {valid}")
@@ -258,8 +272,28 @@ def modifies_base(method: str) -> bool:
     return init_method(method).modifies_base
 
 
+def base_preserving_inits() -> tuple[str, ...]:
+    """Init names that leave W0 untouched (the adapter alone is the whole finetune)."""
+    return tuple(name for name, entry in INITS.items() if not entry.modifies_base)
+
+
+def lora_config(adapter: AdapterConfig, target_modules: list[str] | str | None = None, **extra: object) -> LoraConfig:
+    """The PEFT LoraConfig of a recipe's adapter section; `target_modules` overrides the recipe's (e.g. the
+    text encoder's), `extra` adds task fields (task_type, bias). init_lora_weights stays True: PEFT's
+    cheap default init is a placeholder that `initialize` overwrites once the real weights are attached."""
+    from peft import LoraConfig
+
+    targets = adapter.target_modules if target_modules is None else target_modules
+    return LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                      target_modules=targets, use_rslora=adapter.use_rslora, init_lora_weights=True,
+                      **extra)  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------------------------------------------
 # entry points
+
+
+_REWRITTEN_BY = "_nora_base_rewritten_by"  # set on a model whose W0 an init replaced by a residual
 
 
 def _root(model: nn.Module) -> nn.Module:
@@ -306,11 +340,12 @@ def initialize(
     side: Side = "output",
     seed: int = 0,
     adapter_name: str = "default",
-) -> nn.Module:
-    """Apply `method` to every LoRA layer of `adapter_name` in place; returns the model.
+) -> InitResult:
+    """Apply `method` to every LoRA layer of `adapter_name` in place.
 
-    Sets `model.nora_init` (the nora.json "init" block) and `model.nora_modifies_base` (True for
-    PiSSA/OLoRA: call `save_initial_adapter` now so export can convert back to plain LoRA).
+    Returns what was done; with `modifies_base` (PiSSA/OLoRA) call `save_initial_adapter` now so export can
+    convert back to plain LoRA. The model only remembers that its base was rewritten, to refuse a second
+    base-rewriting init on it.
     """
 
     entry = init_method(method)
@@ -318,8 +353,9 @@ def initialize(
         raise NoraError(f"unknown init side {side!r}; expected output or input")
     if not sigma > 0:
         raise NoraError(f"init sigma must be positive, got {sigma}")
-    if getattr(model, "nora_modifies_base", False):
-        raise NoraError(f"the base weights were already rewritten by init {model.nora_init['name']!r}; "
+    rewritten_by = getattr(model, _REWRITTEN_BY, None)
+    if rewritten_by is not None:
+        raise NoraError(f"the base weights were already rewritten by init {rewritten_by!r}; "
                         "initialize a freshly loaded model")
     layers = lora_layers(model, adapter_name)
     if not layers:
@@ -333,9 +369,9 @@ def initialize(
     for name, layer in layers:  # check every layer first, so an error leaves the model untouched
         _check(entry, layer, name, method)
     _apply_all(entry, layers, adapter_name, opts)
-    model.nora_init = asdict(opts)
-    model.nora_modifies_base = entry.modifies_base
-    return model
+    if entry.modifies_base:
+        setattr(model, _REWRITTEN_BY, method)
+    return InitResult(opts, entry.modifies_base)
 
 
 def _apply_all(entry: InitMethod, layers: list[tuple[str, LoraLayer]], adapter: str, opts: InitOptions) -> None:

@@ -18,14 +18,24 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nora_cli.errors import NoraError
+
+if TYPE_CHECKING:
+    from nora_cli.config.schema import Recipe
 
 MARKER = "nora.json"
 RUN_KIND = "nora-run"
 #: env var by which `nora train --num-processes N` tells its ranks that it holds the output dir's lock
 LOCK_ENV = "NORA_OUTPUT_LOCK_HELD"
+
+
+
+def lock_held_by_launcher(out_dir: Path) -> bool:
+    """True in a rank of `nora train --num-processes N`: the launcher checked `out_dir` and holds its lock."""
+    return os.environ.get(LOCK_ENV) == str(out_dir.resolve())
+
 
 #: recipe keys (or whole sections, ending in ".") that `--resume` may change: they decide how long the run
 #: goes on, how often it logs/validates/saves, where results go and how evaluation runs afterwards, but not
@@ -135,7 +145,7 @@ def recipe_changes(old_yaml: str, new_yaml: str) -> list[str]:
             if key in old and old[key] != new[key] and not allowed(key)]
 
 
-def check_resume_recipe(out_dir: Path, recipe: Any) -> None:
+def check_resume_recipe(out_dir: Path, recipe: Recipe) -> None:
     """Refuse a --resume whose recipe would change what the checkpointed run computes."""
     from nora_cli.config.load import recipe_to_yaml
 

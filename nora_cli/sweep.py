@@ -37,12 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from nora_cli.config.load import load_recipe
+from nora_cli.config.names import PISSA_NITER
 from nora_cli.config.schema import METHOD_PRESETS, Recipe
 from nora_cli.errors import NoraError
+from nora_cli.lora import INITS
 
 BASE = "base"  # the untrained model: evaluated, never trained
-INIT_VARIANTS = ("gaussian", "pissa", "olora")  # + pissa_niter_K: method lora, adapter.init = the name
-_PISSA_NITER = re.compile(r"^pissa_niter_[1-9][0-9]*$")
+#: inits no method preset stands for, run as method lora with adapter.init = the name (+ pissa_niter_K)
+INIT_VARIANTS = tuple(name for name in INITS if name not in {p.init for p in METHOD_PRESETS.values()})
 #: `@key=value` shorthands -> recipe keys; a key with a dot is taken as a recipe key as written
 SHORT_KEYS = {
     "sigma": "adapter.sigma", "side": "adapter.side", "init": "adapter.init", "r": "adapter.r",
@@ -89,7 +91,7 @@ def parse_variant(text: str) -> Variant:
         return Variant(BASE, BASE, ())
     if base in METHOD_PRESETS:
         method, init = base, METHOD_PRESETS[base].init
-    elif base in INIT_VARIANTS or _PISSA_NITER.match(base):
+    elif base in INIT_VARIANTS or PISSA_NITER.match(base):
         method, init = "lora", base
     else:
         known = ", ".join([BASE, *METHOD_PRESETS, *INIT_VARIANTS, "pissa_niter_K"])

@@ -18,26 +18,30 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nora_cli import run_dir as rundir
 from nora_cli.errors import NoraError
 
+if TYPE_CHECKING:
+    from nora_cli.config.schema import Recipe
+    from nora_cli.loop.job import Job
 
-def _lm_job(recipe: Any, device: Any, out_dir: Path) -> Any:
+
+def _lm_job(recipe: Recipe, device: Any, out_dir: Path) -> Job:
     from nora_cli.tasks.causal_lm.job import build_lm_job
 
     return build_lm_job(recipe, device, out_dir)
 
 
-def _dreambooth_job(recipe: Any, device: Any, out_dir: Path) -> Any:
+def _dreambooth_job(recipe: Recipe, device: Any, out_dir: Path) -> Job:
     from nora_cli.tasks.dreambooth.job import build_dreambooth_job
 
     return build_dreambooth_job(recipe, device, out_dir)
 
 
 #: recipe.task -> job builder
-TASKS: dict[str, Callable[[Any, Any, Path], Any]] = {"causal-lm": _lm_job, "dreambooth": _dreambooth_job}
+TASKS: dict[str, Callable[[Recipe, Any, Path], Job]] = {"causal-lm": _lm_job, "dreambooth": _dreambooth_job}
 
 # --- output directory ---------------------------------------------------------------------------------
 
@@ -76,10 +80,10 @@ def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Calla
     """Create the output dir and mark it as a nora run; an --overwrite'd run is only moved aside (into a
     hidden `OVERWRITTEN` folder inside the same, locked directory, deleted once the new run completes).
     Returns `finish(ok)`: on success, on --resume, it sets damaged checkpoints aside and removes what a killed
-    run left half-written and its metrics past the last checkpoint; on failure it puts everything back."""
+    run left half-written and its metrics past the last checkpoint; on failure it puts everything back.
+    Call it after `check_output_dir` (in `preflight`) passed, holding the output lock."""
     from nora_cli.run_dir import is_nora_run, write_marker
 
-    check_output_dir(out_dir, resume=resume, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     before = {e.name for e in out_dir.iterdir()}
     aside: Path | None = None
@@ -142,7 +146,7 @@ def check_model_exists(source: str, gguf_file: str | None = None) -> str:
     return f"model {source} (hub id: checked when it loads)"
 
 
-def preflight(recipe: Any, out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+def preflight(recipe: Recipe, out_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Everything cheap, before anything is written or loaded: output dir, model source, adapter vs
     architecture (config only), data, and on --resume the recipe and the checkpoint to continue from."""
     from nora_cli.data.check import check_data
@@ -164,7 +168,7 @@ def preflight(recipe: Any, out_dir: Path, *, resume: bool, overwrite: bool) -> N
 # --- adapter vs architecture (before the weights load) -------------------------------------------------
 
 
-def check_lm_adapter(recipe: Any) -> None:
+def check_lm_adapter(recipe: Recipe) -> None:
     """Target modules that match nothing and ranks outside 0 < r ≤ min(in, out) fail here, from config.json
     alone, with the names that would have worked. Matching follows PEFT: exact name or `.name` suffix."""
     from nora_cli.models import check_weight_format, linear_layers, model_skeleton, resolve_source
@@ -200,7 +204,7 @@ def check_lm_adapter(recipe: Any) -> None:
 
 
 #: recipe.task -> cheap pre-load check of the adapter against the base architecture
-PREFLIGHT: dict[str, Callable[[Any], None]] = {"causal-lm": check_lm_adapter}
+PREFLIGHT: dict[str, Callable[[Recipe], None]] = {"causal-lm": check_lm_adapter}
 
 
 # --- disk space ---------------------------------------------------------------------------------------
@@ -208,15 +212,16 @@ PREFLIGHT: dict[str, Callable[[Any], None]] = {"causal-lm": check_lm_adapter}
 _MARGIN = 64 * 2**20  # tokenizer, metrics, loss.png, nora.json, filesystem slack
 
 
-def checkpoint_bytes_needed(model: Any, recipe: Any, total_steps: int) -> int:
+def checkpoint_bytes_needed(model: Any, recipe: Recipe, total_steps: int, *, modifies_base: bool = False) -> int:
     """Peak bytes the run writes: (kept + 1 staging) checkpoints of weights + optimizer state, the final
-    adapter (+ best/initial copies), and a margin. AdamW keeps 2 moments per parameter, SGD ≤ 1."""
+    adapter (+ best copy, + the initial adapter when the init `modifies_base`), and a margin. AdamW keeps 2
+    moments per parameter, SGD ≤ 1."""
     tcfg = recipe.train
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     moments = 2 if recipe.optimizer.name == "adamw" else int(recipe.optimizer.momentum > 0)
     saves = total_steps // tcfg.save_steps if tcfg.save_steps else 0
     kept = min(saves, tcfg.keep_last) if tcfg.keep_last else saves
-    finals = 1 + int(tcfg.save_best) + int(bool(getattr(model, "nora_modifies_base", False)))
+    finals = 1 + int(tcfg.save_best) + int(modifies_base)
     return weights * (1 + moments) * (kept + 1) + weights * finals + _MARGIN
 
 
@@ -236,7 +241,7 @@ def check_disk_space(out_dir: Path, need: int) -> None:
 # --- the run ------------------------------------------------------------------------------------------
 
 
-def check_precision(recipe: Any) -> None:
+def check_precision(recipe: Recipe) -> None:
     """fp16 needs CUDA: on CPU accelerate drops fp16 autocast and its GradScaler without a word and the run
     trains in fp32. Checked before anything loads."""
     import torch
@@ -246,7 +251,7 @@ def check_precision(recipe: Any) -> None:
                         "fp32); use bf16 or no")
 
 
-def make_accelerator(recipe: Any) -> Any:
+def make_accelerator(recipe: Recipe) -> Any:
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -258,19 +263,21 @@ def make_accelerator(recipe: Any) -> Any:
     return Accelerator(mixed_precision=recipe.train.mixed_precision, cpu=cpu)
 
 
-def train_recipe(recipe: Any, out_dir: Path, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def train_recipe(recipe: Recipe, out_dir: Path, *, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run a full training job; returns a small summary (steps, final loss, output dir).
 
     Order: cheap checks (nothing written) → lock the output dir → move an old run aside → build the job
-    (model, data; a failure puts the old run back) → train → on completion delete the old run."""
-    preflight(recipe, out_dir, resume=resume, overwrite=overwrite)
+    (model, data; a failure puts the old run back) → train → on completion delete the old run. The ranks of
+    `nora train --num-processes N` skip the checks: their launcher ran them once and holds the lock."""
+    if not rundir.lock_held_by_launcher(out_dir):
+        preflight(recipe, out_dir, resume=resume, overwrite=overwrite)
     # the main rank locks (unless `nora train --num-processes N` already holds the lock for its ranks)
     main = os.environ.get("RANK", "0") == "0"
     with rundir.output_lock(out_dir) if main else contextlib.nullcontext():
         return _train_locked(recipe, out_dir, resume=resume, overwrite=overwrite)
 
 
-def _train_locked(recipe: Any, out_dir: Path, *, resume: bool, overwrite: bool) -> dict[str, Any]:
+def _train_locked(recipe: Recipe, out_dir: Path, *, resume: bool, overwrite: bool) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     from nora_cli.config.load import recipe_to_yaml
@@ -285,7 +292,9 @@ def _train_locked(recipe: Any, out_dir: Path, *, resume: bool, overwrite: bool) 
         job = TASKS[recipe.task](recipe, accelerator.device, out_dir)
         sched = loop.plan_schedule(len(job.train_data), recipe.train, accelerator.num_processes)
         if main:
-            check_disk_space(out_dir, checkpoint_bytes_needed(job.model, recipe, sched.total_steps))
+            need = checkpoint_bytes_needed(job.model, recipe, sched.total_steps,
+                                           modifies_base=bool(job.meta.get("modifies_base")))
+            check_disk_space(out_dir, need)
     except BaseException:
         if finish is not None:
             finish(False)
@@ -312,7 +321,7 @@ def _train_locked(recipe: Any, out_dir: Path, *, resume: bool, overwrite: bool) 
         loop.write_run_info(out_dir, recipe_to_yaml(recipe), meta)
     accelerator.wait_for_everyone()  # damaged checkpoints are set aside before any rank looks for the latest
     try:
-        summary = loop.run(job, recipe, accelerator, out_dir, resume=resume)
+        summary = loop.run(job, recipe, sched, accelerator, out_dir, resume=resume)
     except BaseException:
         if main:
             for old in out_dir.glob(f"{OVERWRITTEN}*"):

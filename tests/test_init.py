@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from nora_cli.errors import NoraError
-from nora_cli.lora import INITS, initialize, lora_layers, modifies_base, save_initial_adapter
+from nora_cli.lora import (
+    INITS,
+    base_preserving_inits,
+    initialize,
+    lora_layers,
+    modifies_base,
+    save_initial_adapter,
+)
 
 IN, OUT, K, R, ALPHA = 16, 24, 2, 4, 8
 
@@ -91,7 +99,7 @@ class TestNystromOutput:
         opt_before = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
         y_before = model(X)
         seen = torch.get_rng_state()
-        assert initialize(model, "nystrom", sigma=0.3, seed=7) is model
+        result = initialize(model, "nystrom", sigma=0.3, seed=7)
         assert torch.equal(torch.get_rng_state(), seen)  # the global RNG is neither used nor moved
         opt_after = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
 
@@ -115,12 +123,13 @@ class TestNystromOutput:
                 key = f"base_model.model.{name}.lora_B.default.weight"
                 assert same_sketch(params[key].detach(), b_expected)
                 assert torch.count_nonzero(params[key.replace("lora_B", "lora_A")]) == 0
-        assert model.nora_init == {"name": "nystrom", "sigma": 0.3, "side": "output", "seed": 7}
-        assert model.nora_modifies_base is False and not modifies_base("nystrom")
+        assert asdict(result.options) == {"name": "nystrom", "sigma": 0.3, "side": "output", "seed": 7}
+        assert result.modifies_base is False and not modifies_base("nystrom")
 
     def test_first_step_moves_only_inside_the_sketch(self) -> None:
         """With A0 = 0, ∂L/∂A = s·B0ᵀ·G is nonzero and ∂L/∂B = 0: training starts from the sketch."""
-        model = initialize(peft_two_linear(), "nystrom")
+        model = peft_two_linear()
+        initialize(model, "nystrom")
         model(X).square().sum().backward()
         lyr = layer(model, "a")
         assert torch.count_nonzero(lyr.lora_B["default"].weight.grad) == 0
@@ -285,7 +294,7 @@ class TestPeftRandomInits:
         model, reference = peft_two_linear(), peft_two_linear()
         base = model.get_base_model().a.base_layer.weight.clone()
         before = factors(model, "a")[0].clone()
-        initialize(model, method, seed=4)
+        result = initialize(model, method, seed=4)
         for name, lyr in lora_layers(reference):
             with torch.random.fork_rng(devices=[]):
                 digest = hashlib.sha256(f"4:{name}".encode()).digest()
@@ -295,7 +304,7 @@ class TestPeftRandomInits:
             assert torch.equal(a0, lyr.lora_A["default"].weight) and torch.count_nonzero(b0) == 0
         assert not torch.equal(factors(model, "a")[0], before)
         assert torch.equal(model.get_base_model().a.base_layer.weight, base)
-        assert model.nora_modifies_base is False
+        assert result.modifies_base is False
         if method == "lora":  # Kaiming-uniform(a=√5) bound is 1/sqrt(fan_in)
             assert factors(model, "a")[0].abs().max() <= 1 / math.sqrt(IN)
 
@@ -307,7 +316,7 @@ class TestPissaOlora:
         w0 = model.get_base_model().b.base_layer.weight.detach().clone()
         params = [id(p) for p in model.parameters()]
         y_before = model(X)
-        initialize(model, method)
+        result = initialize(model, method)
         a0, b0 = factors(model, "b")
         w_res = model.get_base_model().b.base_layer.weight.detach()
         assert not torch.equal(w_res, w0)
@@ -315,7 +324,7 @@ class TestPissaOlora:
         torch.testing.assert_close(model(X), y_before, atol=1e-5, rtol=0)
         assert [id(p) for p in model.parameters()] == params  # same Parameter objects: optimizers see it
         assert a0.dtype == b0.dtype == torch.float32
-        assert model.nora_modifies_base is True and modifies_base(method)
+        assert result.modifies_base is True and modifies_base(method)
         if method == "pissa":  # s·B·A is the best rank-R approximation of W0
             u, s, vh = torch.linalg.svd(w0)
             torch.testing.assert_close(scaling() * b0 @ a0, u[:, :R] * s[:R] @ vh[:R], atol=1e-5, rtol=0)
@@ -323,7 +332,8 @@ class TestPissaOlora:
             torch.testing.assert_close(b0.T @ b0, torch.eye(R), atol=1e-5, rtol=0)
 
     def test_export_converts_to_plain_lora_on_original_base(self, tmp_path: Path) -> None:
-        model = initialize(peft_two_linear(), "pissa")
+        model = peft_two_linear()
+        initialize(model, "pissa")
         init_dir = save_initial_adapter(model, tmp_path / "init")
         with torch.no_grad():  # stand-in for training
             gen = torch.Generator().manual_seed(9)
@@ -353,6 +363,11 @@ class TestPissaOlora:
 
     def test_registry_and_unsupported(self) -> None:
         assert set(INITS) == {"lora", "gaussian", "pissa", "olora", "nystrom"}
+        from nora_cli.tasks.dreambooth.job import SUPPORTED_INITS
+
+        # PiSSA/OLoRA rewrite W0; DreamBooth (a plain diffusers LoRA) takes only the others
+        assert base_preserving_inits() == ("lora", "gaussian", "nystrom")
+        assert base_preserving_inits() == SUPPORTED_INITS
         net = nn.Sequential(nn.Conv2d(3, 8, 3))
         model = get_peft_model(net, LoraConfig(r=R, target_modules=["0"]))
         with pytest.raises(NoraError, match=r"init 'olora' does not support Conv2d layers \(module '0'\)"):

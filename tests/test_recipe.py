@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
@@ -129,6 +130,32 @@ def test_method_presets(method: str, init: str, precondition: str, normalize: bo
         normalize,
     )
     assert set(METHOD_PRESETS) == {"lora", "nora", "lora-p", "nora+"}
+
+
+def test_name_literals_match_their_registries() -> None:
+    """config may not import the registries (they live in higher layers), so the Literals it validates
+    with are checked against them here: a new init, protocol or method needs both, in the same order."""
+    from nora_cli.config.names import EVAL_BATCH_SIZE, InitName, Method, Protocol
+    from nora_cli.config.schema import EvalConfig
+    from nora_cli.evaluate.runner import RUNNERS, Settings
+    from nora_cli.lora import INITS
+    from nora_cli.sweep import INIT_VARIANTS
+
+    assert get_args(InitName) == tuple(INITS)
+    assert get_args(Protocol) == tuple(RUNNERS)
+    assert get_args(Method) == tuple(METHOD_PRESETS)
+    assert INIT_VARIANTS == ("gaussian", "pissa", "olora")  # the inits no method preset stands for
+    # one eval batch default: the recipe's and `nora evaluate`'s
+    assert EvalConfig().batch_size == Settings().batch_size == EVAL_BATCH_SIZE == 8
+
+
+def test_grad_accum_steps_follows_the_real_world_size() -> None:
+    from nora_cli.config.schema import TrainConfig
+    from nora_cli.loop.loop import plan_schedule
+
+    cfg = TrainConfig(batch_size=16, micro_batch_size=2)
+    assert cfg.grad_accum_steps() == 8 and cfg.grad_accum_steps(4) == 2
+    assert plan_schedule(64, cfg, 4).accum == 2  # the loop accumulates what the recipe says
 
 
 def test_explicit_keys_override_presets(tmp_path: Path) -> None:

@@ -11,12 +11,11 @@ from typing import Annotated
 
 import typer
 
+from nora_cli.config.names import EVAL_BATCH_SIZE, PROTOCOLS
 from nora_cli.errors import NoraError
 
-
-class ProtocolName(str, Enum):
-    llm_adapters = "llm-adapters"
-    loglikelihood = "loglikelihood"
+#: --protocol choices, from the one list of protocol names
+ProtocolName = Enum("ProtocolName", {name: name for name in PROTOCOLS}, type=str)  # type: ignore[misc]
 
 
 class EvalDtype(str, Enum):
@@ -52,7 +51,7 @@ def evaluate(
                                                           "the answer (paper numbers); loglikelihood: score the "
                                                           "candidates. Default llm-adapters.")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N items per task.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Items per batch (default 8).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help=f"Items per batch (default {EVAL_BATCH_SIZE}).")] = None,
     num_beams: Annotated[int, typer.Option("--num-beams", min=1, help="Beams; 4 matches LLM-Adapters.")] = 1,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1,
                                                        help="Default 32 (commonsense) / 256 (math).")] = None,
@@ -98,8 +97,8 @@ def evaluate(
         output=output,
         limit=limit or settings.get("limit"),
         shots=shots,
-        protocol=protocol.value if protocol else settings.get("protocol", "llm-adapters"),
-        batch_size=batch_size or settings.get("batch_size", 8),
+        protocol=protocol.value if protocol else settings.get("protocol", PROTOCOLS[0]),
+        batch_size=batch_size or settings.get("batch_size", EVAL_BATCH_SIZE),
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
         allow_pickle=allow_pickle or bool(settings.get("allow_pickle")),

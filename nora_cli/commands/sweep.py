@@ -13,10 +13,10 @@ from typing import Annotated
 
 import typer
 
+from nora_cli.config.names import PROTOCOLS
 
-class ProtocolName(str, Enum):
-    llm_adapters = "llm-adapters"
-    loglikelihood = "loglikelihood"
+#: --protocol choices, from the one list of protocol names
+ProtocolName = Enum("ProtocolName", {name: name for name in PROTOCOLS}, type=str)  # type: ignore[misc]
 
 
 def sweep(

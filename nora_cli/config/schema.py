@@ -10,7 +10,6 @@ to an equal object.
 from __future__ import annotations
 
 import difflib
-import re
 from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
@@ -24,14 +23,11 @@ from pydantic import (
     model_validator,
 )
 
+from nora_cli.config.names import EVAL_BATCH_SIZE, INIT_NAMES, PISSA_NITER, InitName, Method, Protocol
 from nora_cli.errors import shown
 
-Method = Literal["lora", "nora", "lora-p", "nora+"]
-InitName = Literal["lora", "gaussian", "pissa", "olora", "nystrom"]
 Precondition = Literal["none", "scaled-gd"]
 
-_PISSA_NITER = re.compile(r"^pissa_niter_[1-9][0-9]*$")
-_INIT_NAMES: tuple[str, ...] = ("lora", "gaussian", "pissa", "olora", "nystrom")
 
 
 def _not_bool(value: Any) -> Any:
@@ -98,7 +94,7 @@ class AdapterConfig(_Section):
         description="Module names (suffixes) to wrap with LoRA, or 'all-linear'.",
     )
     use_rslora: bool = Field(False, description="Rank-stabilized scaling alpha/sqrt(r) instead of alpha/r.")
-    init: InitName | Annotated[str, StringConstraints(pattern=_PISSA_NITER.pattern)] | None = Field(
+    init: InitName | Annotated[str, StringConstraints(pattern=PISSA_NITER.pattern)] | None = Field(
         None,
         description="Adapter initialization: lora (B=0, A Kaiming), gaussian, pissa, pissa_niter_K, olora, "
         "nystrom (NoRA). null: chosen by `method`.",
@@ -125,12 +121,12 @@ class AdapterConfig(_Section):
     @field_validator("init", mode="before")
     @classmethod
     def _check_init(cls, value: Any) -> Any:
-        if value is None or value in _INIT_NAMES or (isinstance(value, str) and _PISSA_NITER.match(value)):
+        if value is None or value in INIT_NAMES or (isinstance(value, str) and PISSA_NITER.match(value)):
             return value
-        hint = difflib.get_close_matches(value, _INIT_NAMES, n=1) if isinstance(value, str) else []
+        hint = difflib.get_close_matches(value, INIT_NAMES, n=1) if isinstance(value, str) else []
         did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
         raise ValueError(
-            f"expected one of {', '.join(_INIT_NAMES)}, pissa_niter_K or null, got {shown(value)}{did_you_mean}"
+            f"expected one of {', '.join(INIT_NAMES)}, pissa_niter_K or null, got {shown(value)}{did_you_mean}"
         )
 
 
@@ -227,23 +223,23 @@ class TrainConfig(_Section):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps}); lower warmup_steps")
         return self
 
-    @property
-    def grad_accum_steps(self) -> int:
-        """Micro-batches accumulated per optimizer step in each process."""
-        return self.batch_size // (self.micro_batch_size * self.num_processes)
+    def grad_accum_steps(self, processes: int | None = None) -> int:
+        """Micro-batches accumulated per optimizer step in each process. `processes`: the real world size,
+        which `accelerate launch`/torchrun may set apart from num_processes (default: num_processes)."""
+        return self.batch_size // (self.micro_batch_size * (processes or self.num_processes))
 
 
 class EvalConfig(_Section):
     tasks: list[str] = Field(
         [], description="Tasks evaluated after training (e.g. boolq, arc-easy, gsm8k, demo)."
     )
-    protocol: Literal["llm-adapters", "loglikelihood"] = Field(
+    protocol: Protocol = Field(
         "llm-adapters",
         description="llm-adapters: greedy generation + answer extraction as in LLM-Adapters; "
         "loglikelihood: pick the highest-likelihood choice.",
     )
     limit: Int | None = Field(None, gt=0, description="Evaluate only the first N examples per task.")
-    batch_size: Int = Field(16, gt=0, description="Prompts per generation/scoring batch.")
+    batch_size: Int = Field(EVAL_BATCH_SIZE, gt=0, description="Prompts per generation/scoring batch.")
     data: dict[str, str] = Field(
         {},
         description="Task name -> test file path (relative to the recipe file), overriding the default location.",

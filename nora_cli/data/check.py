@@ -9,9 +9,12 @@ here would mean downloading or reading them whole.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from nora_cli.errors import NoraError
+
+if TYPE_CHECKING:
+    from nora_cli.config.schema import DataConfig, DreamBoothConfig, Recipe
 
 
 def _is_hub_or_folder(source: str) -> bool:
@@ -25,7 +28,7 @@ def _is_hub_or_folder(source: str) -> bool:
     return path.is_dir() or not looks_local
 
 
-def check_text_data(dcfg: Any) -> str:
+def check_text_data(dcfg: DataConfig) -> str:
     """Load the records of a local file (or built-in set) and normalize them all in `dcfg.format`."""
     from nora_cli.data.text import load_records, normalize_records
 
@@ -38,7 +41,7 @@ def check_text_data(dcfg: Any) -> str:
     return f"data {dcfg.path}: {len(records)} records, format {dcfg.format}"
 
 
-def check_images(cfg: Any) -> str:
+def check_images(cfg: DreamBoothConfig) -> str:
     """Instance images exist and the first decodes; a class folder to be generated must be writable."""
     from nora_cli.data.images import IMAGE_SUFFIXES, list_images, load_image
     from nora_cli.safety import check_writable
@@ -59,7 +62,7 @@ def check_images(cfg: Any) -> str:
     return line
 
 
-def check_data(recipe: Any) -> str:
+def check_data(recipe: Recipe) -> str:
     """The one data check for every task; returns a line saying what was checked."""
     if recipe.task == "dreambooth":
         if recipe.dreambooth is None:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from nora_cli.config.names import EVAL_BATCH_SIZE
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -33,7 +35,7 @@ def generate_responses(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     *,
-    batch_size: int = 8,
+    batch_size: int = EVAL_BATCH_SIZE,
     num_beams: int = 1,
     max_new_tokens: int = 32,
     on_batch: Callable[[int], None] | None = None,

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from nora_cli.config.names import EVAL_BATCH_SIZE
 from nora_cli.errors import NoraError
 
 if TYPE_CHECKING:
@@ -132,7 +133,7 @@ def score_requests(
     tokenizer: PreTrainedTokenizerBase,
     requests: Sequence[Encoded],
     *,
-    batch_size: int = 8,
+    batch_size: int = EVAL_BATCH_SIZE,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[list[float]]:
     """Scores for each request's continuations, batched `batch_size` items at a time (longest first)."""

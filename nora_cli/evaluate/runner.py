@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from nora_cli.config.names import EVAL_BATCH_SIZE, Protocol
 from nora_cli.errors import NoraError, read_json
 from nora_cli.evaluate import fewshot
 from nora_cli.evaluate.report import average, progress_bar, summarize, write_outputs
@@ -22,14 +23,13 @@ from nora_cli.evaluate.tasks import Task, default_data_path, get_task, item_labe
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-Protocol = Literal["llm-adapters", "loglikelihood"]
 CANDIDATE = "the correct answer is {label}"  # LLM-Adapters' output format for commonsense items
 
 
 @dataclass(frozen=True)
 class Settings:
     protocol: Protocol = "llm-adapters"
-    batch_size: int = 8  # items per generate() call / per shared-prompt scoring batch
+    batch_size: int = EVAL_BATCH_SIZE  # items per generate() call / per shared-prompt scoring batch
     num_beams: int = 1  # 1 = greedy; 4 = the LLM-Adapters scripts
     max_new_tokens: int | None = None  # None = the task's default (32 commonsense, 256 math)
 
@@ -141,6 +141,7 @@ def _run_loglikelihood(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     return out
 
 
+#: the protocol registry; config.names.Protocol lists the same names (tests/test_recipe.py checks)
 RUNNERS: dict[str, Callable[..., list[dict[str, Any]]]] = {
     "llm-adapters": _run_generation,
     "loglikelihood": _run_loglikelihood,
@@ -157,7 +158,7 @@ def evaluate_model(
     *,
     protocol: Protocol = "llm-adapters",
     limit: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = EVAL_BATCH_SIZE,
     data: dict[str, str] | None = None,
     output: Path | str | None = None,
     num_beams: int = 1,

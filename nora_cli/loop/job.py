@@ -37,8 +37,8 @@ class Job:
     loss: Callable[[nn.Module, dict[str, Any]], LossOutput]
     save_final: Callable[[nn.Module, Path], None]  # write adapter + task artifacts into a directory
     val_data: Sequence[Any] | None = None
-    #: optional periodic hook (e.g. diffusion validation images): (model, step, out_dir) -> None
-    on_validate: Callable[[nn.Module, int, Path], None] | None = None
+    #: optional periodic hook (e.g. diffusion validation images): (model, step, total_steps, out_dir) -> None
+    on_validate: Callable[[nn.Module, int, int, Path], Any] | None = None
     #: extra info written into nora.json
     meta: dict[str, Any] = field(default_factory=dict)
     #: tokens (LM) or images (diffusion) per example, for throughput logging; None = count from batch

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from nora_cli.errors import NoraError
 from nora_cli.loop import checkpoint as ckpt
 from nora_cli.loop.job import Job
 from nora_cli.loop.metrics import MetricsLog, peak_memory_mb
+
+if TYPE_CHECKING:
+    from nora_cli.config.schema import Recipe, TrainConfig
 
 
 class TrainingStopped(Exception):
@@ -59,7 +62,8 @@ class Schedule:
     batch: int  # global examples per optimizer step
 
 
-def plan_schedule(n_examples: int, train_cfg: Any, world: int) -> Schedule:
+def plan_schedule(n_examples: int, train_cfg: TrainConfig, world: int) -> Schedule:
+    """The run's step arithmetic for `world` processes; computed once per run and handed to `run`."""
     if train_cfg.batch_size % (train_cfg.micro_batch_size * world):
         raise NoraError(
             f"train.batch_size={train_cfg.batch_size} must be a multiple of train.micro_batch_size × "
@@ -72,7 +76,7 @@ def plan_schedule(n_examples: int, train_cfg: Any, world: int) -> Schedule:
     if train_cfg.warmup_steps > total:
         raise NoraError(f"train.warmup_steps={train_cfg.warmup_steps} exceeds the run's {total} optimizer steps "
                         f"({train_cfg.epochs:g} epochs of {steps_per_epoch}); the lr would never reach its peak")
-    accum = train_cfg.batch_size // (train_cfg.micro_batch_size * world)
+    accum = train_cfg.grad_accum_steps(world)
     return Schedule(total, steps_per_epoch, accum, train_cfg.micro_batch_size, train_cfg.batch_size)
 
 
@@ -141,15 +145,16 @@ class _SignalFlag:
             signal.signal(sig, old)
 
 
-def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool) -> dict[str, Any]:
-    """Train `job` per `recipe.train`/`recipe.optimizer`; write checkpoints and final artifacts to out_dir."""
+def run(job: Job, recipe: Recipe, sched: Schedule, accelerator: Any, out_dir: Path, *,
+        resume: bool) -> dict[str, Any]:
+    """Train `job` per `recipe.train`/`recipe.optimizer` and `sched` (from `plan_schedule` for this job and
+    world size); write checkpoints and final artifacts to out_dir."""
     from nora_cli.optim import build_optimizer
 
     tcfg, ocfg = recipe.train, recipe.optimizer
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     device = accelerator.device
     n = len(job.train_data)
-    sched = plan_schedule(n, tcfg, world)
 
     # --- setup: optimizer, preconditioner, schedule, DDP ---------------------------------
     raw_model = job.model
@@ -183,8 +188,7 @@ def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool)
             t0 = time.perf_counter()
             flag.step = step + 1
             model.train()
-            indices = step_indices(step, sched, n, recipe.seed, recipe.data.shuffle if hasattr(recipe, "data") else True,
-                                   job.lengths)
+            indices = step_indices(step, sched, n, recipe.seed, recipe.data.shuffle, job.lengths)
 
             # --- forward/backward over this process's micro-batches -----------------------
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -256,7 +260,7 @@ def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool)
                         if main:
                             ckpt.atomic_dir(out_dir / "best", lambda d: job.save_final(raw_model, d))
             if job.on_validate is not None and main:  # the hook keeps its own schedule (e.g. validation images)
-                job.on_validate(raw_model, step, out_dir)
+                job.on_validate(raw_model, step, sched.total_steps, out_dir)
 
             # --- checkpoint / stop -------------------------------------------------------------
             stop = _agree(flag.signum is not None, accelerator)

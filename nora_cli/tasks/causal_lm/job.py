@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,12 +12,16 @@ from nora_cli.errors import NoraError
 from nora_cli.loop.job import Job
 from nora_cli.tasks.causal_lm.fast import TrainForward, enabled_fast_paths, use_sparse_dropout
 
+if TYPE_CHECKING:
+    from nora_cli.config.schema import Recipe
+    from nora_cli.lora import InitResult
 
-def build_peft_model(model: Any, recipe: Any) -> Any:
+
+def build_peft_model(model: Any, recipe: Recipe) -> tuple[Any, InitResult]:
     """get_peft_model + the recipe's init, computed from the real (loaded) base weights."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from nora_cli.lora import initialize
+    from nora_cli.lora import initialize, lora_config
     from nora_cli.models import keep_trainable_4bit_layout
 
     mcfg, acfg = recipe.model, recipe.adapter
@@ -28,21 +32,11 @@ def build_peft_model(model: Any, recipe: Any) -> Any:
     elif mcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    config = LoraConfig(
-        r=acfg.r,
-        lora_alpha=acfg.alpha,
-        lora_dropout=acfg.dropout,
-        target_modules=acfg.target_modules,
-        use_rslora=acfg.use_rslora,
-        bias="none",
-        task_type="CAUSAL_LM",
-        init_lora_weights=True,  # the real init runs below, on the attached weights
-    )
-    model = get_peft_model(model, config)
-    initialize(model, acfg.init, sigma=acfg.sigma, side=acfg.side, seed=recipe.seed)
+    model = get_peft_model(model, lora_config(acfg, bias="none", task_type="CAUSAL_LM"))
+    init = initialize(model, acfg.init, sigma=acfg.sigma, side=acfg.side, seed=recipe.seed)
     if "dropout" in enabled_fast_paths():
         use_sparse_dropout(model)
-    return model
+    return model, init
 
 
 def _to_device(collate_fn: Any, device: torch.device) -> Any:
@@ -56,7 +50,7 @@ def _to_device(collate_fn: Any, device: torch.device) -> Any:
     return fn
 
 
-def build_lm_job(recipe: Any, device: torch.device, out_dir: Path) -> Job:
+def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
     from nora_cli.data.text import build_datasets, collate, load_records, normalize_records
     from nora_cli.models import load_causal_lm, resolve_source
 
@@ -72,8 +66,8 @@ def build_lm_job(recipe: Any, device: torch.device, out_dir: Path) -> Job:
         device_map=device_map, allow_pickle=mcfg.allow_pickle,
     )
     model.config.use_cache = False
-    peft_model = build_peft_model(model, recipe)
-    modifies_base = bool(getattr(peft_model, "nora_modifies_base", False))
+    peft_model, init = build_peft_model(model, recipe)
+    modifies_base = init.modifies_base
     initial_dir = out_dir / "initial_adapter"
     if modifies_base:
         from nora_cli.lora import save_initial_adapter

@@ -21,16 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nora_cli.config.schema import UNET_TARGET_MODULES, DreamBoothConfig
+from nora_cli.config.schema import UNET_TARGET_MODULES, DreamBoothConfig, Recipe
 from nora_cli.errors import NoraError
 from nora_cli.loop.job import Job, LossOutput
+from nora_cli.lora import base_preserving_inits, initialize, lora_config, modifies_base
 
 if TYPE_CHECKING:
     from nora_cli.tasks.dreambooth.pipeline import SDParts
 
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 #: inits that leave W0 untouched, so the adapter is a plain diffusers LoRA on the unmodified base
-SUPPORTED_INITS = ("lora", "gaussian", "nystrom")
+SUPPORTED_INITS = base_preserving_inits()
 
 
 # --- the model: forward(batch) is the loss ----------------------------------------------------------------
@@ -117,15 +118,6 @@ def dreambooth_loss(model: nn.Module, batch: dict[str, Any]) -> LossOutput:
 # --- setup helpers ------------------------------------------------------------------------------------------
 
 
-def lora_config(acfg: Any, target_modules: list[str]) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=acfg.r, lora_alpha=acfg.alpha, lora_dropout=acfg.dropout, target_modules=target_modules,
-        use_rslora=acfg.use_rslora, init_lora_weights=True,  # nora's initialize() does the real init
-    )
-
-
 def add_lora(module: Any, config: Any, what: str) -> None:
     """Inject LoRA layers in place, with PEFT's errors turned into one line.
 
@@ -146,19 +138,17 @@ def add_lora(module: Any, config: Any, what: str) -> None:
         raise NoraError(f"cannot add LoRA to the {what}: {str(err).splitlines()[0]}{hint}") from None
 
 
-def build_model(parts: SDParts, recipe: Any) -> DreamBoothModel:
+def build_model(parts: SDParts, recipe: Recipe) -> DreamBoothModel:
     """Attach LoRA (UNet, optionally text encoder), apply the recipe's init, keep LoRA weights in fp32."""
     from diffusers.training_utils import cast_training_params
 
-    from nora_cli.lora import initialize
-
-    acfg, cfg = recipe.adapter, recipe.dreambooth
-    if acfg.init not in SUPPORTED_INITS:
+    acfg, cfg = recipe.adapter, _section(recipe)
+    if acfg.init is not None and modifies_base(acfg.init):
         raise NoraError(f"init {acfg.init!r} rewrites the base weights, which a diffusers LoRA cannot express; "
                         f"use one of {', '.join(SUPPORTED_INITS)} for dreambooth")
     if acfg.target_modules == "all-linear":
         raise NoraError(f"'all-linear' is for transformers models; list UNet modules, e.g. {UNET_TARGET_MODULES}")
-    add_lora(parts.unet, lora_config(acfg, list(acfg.target_modules)), "UNet")
+    add_lora(parts.unet, lora_config(acfg), "UNet")
     if cfg.train_text_encoder:
         add_lora(parts.text_encoder, lora_config(acfg, TEXT_ENCODER_TARGET_MODULES), "text encoder")
     if recipe.model.gradient_checkpointing:
@@ -221,14 +211,15 @@ def validation_due(step: int, every: int | None, last: int) -> bool:
     return step == last or (every is not None and step % every == 0)
 
 
-def validation_hook(parts: SDParts, cfg: DreamBoothConfig, every: int | None, last: int) -> Any:
-    """`on_validate(model, step, out_dir)`: one grid (row per prompt) in out_dir/validation/step_NNNN.png.
+def validation_hook(parts: SDParts, cfg: DreamBoothConfig, every: int | None) -> Any:
+    """`on_validate(model, step, total_steps, out_dir)`: one grid (row per prompt) in
+    out_dir/validation/step_NNNN.png.
 
-    The hook keeps its own schedule (`every` = dreambooth.validation_steps, else train.eval_steps), so the
-    loop may call it after any step; a call at a step that is not due does nothing."""
+    The hook keeps its own schedule (`every` = dreambooth.validation_steps, else train.eval_steps, and the
+    last step), so the loop may call it after any step; a call at a step that is not due does nothing."""
 
-    def on_validate(model: nn.Module, step: int, out_dir: Path) -> Path | None:
-        if not validation_due(step, every, last):
+    def on_validate(model: nn.Module, step: int, total_steps: int, out_dir: Path) -> Path | None:
+        if not validation_due(step, every, total_steps):
             return None
         path = Path(out_dir) / "validation" / f"step_{step:04d}.png"
         sample_validation_grid(model, parts, cfg).save(_mkparent(path))
@@ -266,27 +257,22 @@ def sample_validation_grid(model: nn.Module, parts: SDParts, cfg: DreamBoothConf
 # --- the job ------------------------------------------------------------------------------------------------
 
 
-def _validation(parts: SDParts, recipe: Any, n_examples: int) -> Any:
-    from nora_cli.loop.loop import plan_schedule
-
-    last = plan_schedule(n_examples, recipe.train, 1).total_steps  # the step count does not depend on processes
-    every = recipe.dreambooth.validation_steps or recipe.train.eval_steps
-    return validation_hook(parts, recipe.dreambooth, every, last)
+def _section(recipe: Recipe) -> DreamBoothConfig:
+    if recipe.dreambooth is None:
+        raise NoraError("task 'dreambooth' needs a `dreambooth:` section")
+    return recipe.dreambooth
 
 
-
-def build_dreambooth_job(recipe: Any, device: Any, out_dir: Path | None = None) -> Job:
+def build_dreambooth_job(recipe: Recipe, device: torch.device, out_dir: Path | None = None) -> Job:
     """Load the SD pipeline parts, attach + initialize LoRA, read the images, and describe the run."""
     from nora_cli.data.images import DreamBoothExamples, ImageFolder
     from nora_cli.tasks.dreambooth.export import save_adapter
     from nora_cli.tasks.dreambooth.pipeline import load_sd_parts
 
-    cfg: DreamBoothConfig | None = getattr(recipe, "dreambooth", None)
-    if cfg is None:
-        raise NoraError("task 'dreambooth' needs a `dreambooth:` section")
+    cfg = _section(recipe)
     instance = ImageFolder(cfg.instance_data_dir, cfg.resolution, cfg.center_crop, cfg.random_flip)
     parts = load_sd_parts(recipe.model.source, recipe.model.dtype, device,
-                          allow_pickle=getattr(recipe.model, "allow_pickle", False))
+                          allow_pickle=recipe.model.allow_pickle)
     prior = None
     if cfg.with_prior_preservation:
         generate_class_images(parts, cfg)
@@ -311,7 +297,8 @@ def build_dreambooth_job(recipe: Any, device: Any, out_dir: Path | None = None) 
         collate=collate,
         loss=dreambooth_loss,
         save_final=save_final,
-        on_validate=_validation(parts, recipe, len(examples)) if cfg.validation_prompts else None,
+        on_validate=(validation_hook(parts, cfg, cfg.validation_steps or recipe.train.eval_steps)
+                     if cfg.validation_prompts else None),
         meta={
             "base_model": recipe.model.source,
             "base_model_resolved": base,
