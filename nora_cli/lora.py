@@ -9,6 +9,8 @@ Randomness never touches the global RNG: each module draws from a generator seed
 sha256(f"{seed}:{name}"), `name` being the module's path in the underlying transformers/torch model
 (e.g. "model.layers.0.self_attn.q_proj"). Every data-parallel rank therefore builds identical adapters
 without communication, whatever the module order or RNG state.
+
+A little over 400 lines: the init registry, the inits, and the LoraConfig they expect belong together.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from nora_cli.config.names import PISSA_NITER
 from nora_cli.errors import NoraError
@@ -277,7 +279,7 @@ def base_preserving_inits() -> tuple[str, ...]:
     return tuple(name for name, entry in INITS.items() if not entry.modifies_base)
 
 
-def lora_config(adapter: AdapterConfig, target_modules: list[str] | str | None = None, **extra: object) -> LoraConfig:
+def lora_config(adapter: AdapterConfig, target_modules: list[str] | str | None = None, **extra: Any) -> LoraConfig:
     """The PEFT LoraConfig of a recipe's adapter section; `target_modules` overrides the recipe's (e.g. the
     text encoder's), `extra` adds task fields (task_type, bias). init_lora_weights stays True: PEFT's
     cheap default init is a placeholder that `initialize` overwrites once the real weights are attached."""
@@ -286,7 +288,7 @@ def lora_config(adapter: AdapterConfig, target_modules: list[str] | str | None =
     targets = adapter.target_modules if target_modules is None else target_modules
     return LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
                       target_modules=targets, use_rslora=adapter.use_rslora, init_lora_weights=True,
-                      **extra)  # type: ignore[arg-type]
+                      **extra)
 
 
 # ---------------------------------------------------------------------------------------------------

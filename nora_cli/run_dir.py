@@ -31,7 +31,6 @@ RUN_KIND = "nora-run"
 LOCK_ENV = "NORA_OUTPUT_LOCK_HELD"
 
 
-
 def lock_held_by_launcher(out_dir: Path) -> bool:
     """True in a rank of `nora train --num-processes N`: the launcher checked `out_dir` and holds its lock."""
     return os.environ.get(LOCK_ENV) == str(out_dir.resolve())
@@ -90,7 +89,7 @@ def output_lock(out_dir: Path) -> Iterator[None]:
     Under `nora train --num-processes N` the launcher holds the lock and says so in $NORA_OUTPUT_LOCK_HELD,
     so its ranks do not lock themselves out."""
     key = out_dir.resolve()
-    if key in _HELD or os.environ.get(LOCK_ENV) == str(key):
+    if key in _HELD or lock_held_by_launcher(out_dir):
         yield
         return
     created = not out_dir.exists()
