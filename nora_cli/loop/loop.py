@@ -9,7 +9,6 @@ checkpoint only needs the step number to resume mid-epoch exactly.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -353,21 +352,7 @@ def _agree(flag: bool, accelerator: Any) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
-def write_run_info(out_dir: Path, recipe_yaml: str, nora_meta: dict[str, Any]) -> None:
-    """recipe.yaml + nora.json go in before training, so even a crashed run is self-describing."""
+def write_recipe(out_dir: Path, recipe_yaml: str) -> None:
+    """The resolved recipe, written before training (and before the run's nora.json, which train.py owns)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write(out_dir / "recipe.yaml", recipe_yaml.encode())
-    ckpt.atomic_write(out_dir / "nora.json", (json.dumps(nora_meta, indent=2) + "\n").encode())
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("nora-cli", "torch", "transformers", "peft", "accelerate", "diffusers", "datasets", "bitsandbytes"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            continue
-    out["python"] = ".".join(map(str, os.sys.version_info[:3]))
-    return out
