@@ -12,9 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from nora_cli.errors import NoraError, read_json
-from nora_cli.export.adapter import read_nora
+from nora_cli.errors import NoraError
 from nora_cli.export.job import DTYPES, Exporter, ExportJob, MergeReport, VerifyError, peak_rss_mib
+from nora_cli.run_dir import recorded_task
 from nora_cli.safety import check_writable, publish_modes
 from nora_cli.tasks.causal_lm.export import export_merged, export_peft
 from nora_cli.tasks.causal_lm.verify import verify_export
@@ -41,17 +41,6 @@ EXPORTERS: dict[tuple[str, str], Exporter] = {
     ("dreambooth", "diffusers"): Exporter(_diffusers_lora),
     ("dreambooth", "merged"): Exporter(_merged_pipeline),
 }
-
-
-def adapter_task(adapter_dir: Path) -> str:
-    """nora.json "task"; for a plain PEFT adapter, its task_type (causal-lm when absent)."""
-    task = read_nora(adapter_dir).get("task")
-    if task:
-        return str(task)
-    config_file = adapter_dir / "adapter_config.json"
-    config = read_json(config_file, "adapter config") if config_file.is_file() else {}
-    task_type = config.get("task_type") if isinstance(config, dict) else None
-    return "causal-lm" if task_type in (None, "CAUSAL_LM") else str(task_type).lower()
 
 
 def find_exporter(task: str, fmt: str) -> Exporter:
@@ -123,7 +112,7 @@ def merge_adapter(
         raise NoraError(f"adapter directory not found: {adapter_dir}")
     if dtype is not None and dtype not in DTYPES:
         raise NoraError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    task = adapter_task(adapter_dir)
+    task = recorded_task(adapter_dir) or "causal-lm"  # no adapter at all: the causal-LM reader says what is missing
     fmt = fmt or DEFAULT_FORMAT.get(task, "merged")
     if fmt not in FORMATS:
         raise NoraError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")

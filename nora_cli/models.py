@@ -276,9 +276,24 @@ def load_causal_lm(
     """Load (model, tokenizer). 4/8-bit goes through bitsandbytes; nothing else is quantized.
 
     Only safetensors load unless `allow_pickle` (then transformers' torch.load uses weights_only=True)."""
+    src = source if isinstance(source, ModelSource) else resolve_source(source, gguf_file)
+    model = load_causal_lm_weights(src, dtype=dtype, quantization=quantization, trust_remote_code=trust_remote_code,
+                                   device_map=device_map, allow_pickle=allow_pickle)
+    return model, load_tokenizer(src, trust_remote_code)
+
+
+def load_causal_lm_weights(
+    src: ModelSource,
+    *,
+    dtype: Dtype = "fp32",
+    quantization: Quantization | None = None,
+    trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+    allow_pickle: bool = False,
+) -> PreTrainedModel:
+    """The model of `load_causal_lm` without its tokenizer (a bare checkpoint folder may have none)."""
     from transformers import AutoModelForCausalLM
 
-    src = source if isinstance(source, ModelSource) else resolve_source(source, gguf_file)
     check_weight_format(src, allow_pickle)
     kwargs: dict = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     kwargs.update({"use_safetensors": None, "weights_only": True} if allow_pickle else {"use_safetensors": True})
@@ -305,4 +320,4 @@ def load_causal_lm(
     except pickle.UnpicklingError:  # weights_only=True met something other than tensors: never run it
         raise NoraError(f"refusing to unpickle the weights of {src.display!r}: they hold objects other than "
                         "tensors and plain data (possibly malicious)") from None
-    return model, load_tokenizer(src, trust_remote_code)
+    return model

@@ -1,5 +1,7 @@
-"""What makes a directory a nora run, who may write it, and what `--resume` may change.
+"""What makes a directory a nora run, what it records, who may write it, and what `--resume` may change.
 
+- Record: `RunInfo`, the typed nora.json (`read`/`write` are its only reader and writer); `recorded_base`
+  and `recorded_task` answer "which base model?" and "which task?" for any adapter dir, nora's or not.
 - Marker: `nora.json` with `"kind": "nora-run"`, written into the output dir before anything else. Runs
   made before the marker existed are recognised by the `nora_version` their nora.json always had. Only a
   marked directory is ever continued (`--resume`) or replaced (`--overwrite`): a folder that merely holds a
@@ -16,17 +18,22 @@ import contextlib
 import fcntl
 import json
 import os
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
-from nora_cli.errors import NoraError
+from nora_cli.errors import NoraError, read_json
 
 if TYPE_CHECKING:
     from nora_cli.config.schema import Recipe
 
 MARKER = "nora.json"
 RUN_KIND = "nora-run"
+#: the DreamBooth layout: a diffusers LoRA file beside PEFT adapters in component subfolders
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
+DIFFUSERS_COMPONENTS = ("unet", "text_encoder")
 #: env var by which `nora train --num-processes N` tells its ranks that it holds the output dir's lock
 LOCK_ENV = "NORA_OUTPUT_LOCK_HELD"
 
@@ -45,35 +52,189 @@ RESUME_MAY_CHANGE = (
 )
 
 
-# --- marker ----------------------------------------------------------------------------------------------
+# --- nora.json: the run's record --------------------------------------------------------------------------
 
 
-def read_marker(out_dir: Path) -> dict[str, Any] | None:
-    """nora.json as a dict if it marks a nora run (this version's kind, or an older run's nora_version)."""
+class InitInfo(TypedDict, total=False):
+    name: str
+    sigma: float | None
+    side: str
+    seed: int
+
+
+class PreconditionInfo(TypedDict, total=False):
+    kind: str
+    normalize: bool
+    damping: float
+
+
+class LoraInfo(TypedDict, total=False):
+    r: int
+    alpha: float
+    target_modules: list[str] | str
+    use_rslora: bool
+
+
+#: nora.json keys with a typed field, in the order a run writes them (`meta` goes before "versions")
+_FIELDS = ("kind", "nora_version", "task", "method", "dtype", "quantization", "init", "precondition", "lora",
+           "num_processes", "base_model", "base_model_resolved")
+
+
+@dataclass
+class RunInfo:
+    """The typed content of nora.json; `read` and `write` are nora's only reader and writer of that file.
+
+    `meta` holds the task's own record (prompt_template, fast_paths, dreambooth, ...) and any key this
+    version does not know, so a read-then-write loses nothing. A typed key present as null stays null."""
+
+    kind: str | None = None  # RUN_KIND; runs older than the marker have only nora_version
+    nora_version: str | None = None
+    task: str | None = None
+    method: str | None = None
+    dtype: str | None = None
+    quantization: str | None = None
+    init: InitInfo | None = None
+    precondition: PreconditionInfo | None = None
+    lora: LoraInfo | None = None
+    num_processes: int | None = None
+    base_model: str | None = None  # as the user named it (alias, path, hub id)
+    base_model_resolved: str | None = None  # what from_pretrained read
+    meta: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] | None = None
+    nulls: frozenset[str] = field(default=frozenset(), repr=False)  # typed keys written as null
+
+    @property
+    def is_run(self) -> bool:
+        """A run marker: this version's kind, or the nora_version every older run's nora.json had."""
+        return self.kind == RUN_KIND or self.nora_version is not None or "nora_version" in self.nulls
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunInfo:
+        typed = {k: data[k] for k in (*_FIELDS, "versions") if k in data}
+        meta = {k: v for k, v in data.items() if k not in typed}
+        return cls(**typed, meta=meta, nulls=frozenset(k for k, v in typed.items() if v is None))
+
+    def to_dict(self) -> dict[str, Any]:
+        written = lambda key: getattr(self, key) is not None or key in self.nulls  # noqa: E731
+        out = {key: getattr(self, key) for key in _FIELDS if written(key)}
+        out.update(self.meta)
+        if written("versions"):
+            out["versions"] = self.versions
+        return out
+
+    @classmethod
+    def marker(cls) -> RunInfo:
+        """What a fresh run's nora.json holds before the job is built."""
+        from nora_cli import __version__
+
+        return cls(kind=RUN_KIND, nora_version=__version__)
+
+    @classmethod
+    def for_run(cls, recipe: Recipe, *, num_processes: int, task_meta: dict[str, Any]) -> RunInfo:
+        """The full record `nora train` writes once the job is built: recipe, task meta, library versions."""
+        adapter, opt = recipe.adapter, recipe.optimizer
+        return cls.from_dict({
+            **cls.marker().to_dict(),
+            "task": recipe.task,
+            "method": recipe.method,
+            "dtype": recipe.model.dtype,
+            "quantization": recipe.model.quantization,
+            "init": {"name": adapter.init, "sigma": adapter.sigma, "side": adapter.side, "seed": recipe.seed},
+            "precondition": {"kind": opt.precondition, "normalize": opt.normalize, "damping": opt.damping},
+            "lora": {"r": adapter.r, "alpha": adapter.alpha, "target_modules": adapter.target_modules,
+                     "use_rslora": adapter.use_rslora},
+            "num_processes": num_processes,
+            **task_meta,
+            "versions": library_versions(),
+        })
+
+    @classmethod
+    def read(cls, directory: Path) -> RunInfo:
+        """`directory`/nora.json (an empty RunInfo when there is none); a broken one is a NoraError naming it."""
+        file = Path(directory) / MARKER
+        if not file.is_file():
+            return cls()
+        data = read_json(file, "adapter metadata")
+        if not isinstance(data, dict):
+            raise NoraError(f"{file} must hold a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def write(self, directory: Path) -> None:
+        from nora_cli.safety import atomic_write
+
+        atomic_write(Path(directory) / MARKER, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("nora-cli", "torch", "transformers", "peft", "accelerate", "diffusers", "datasets", "bitsandbytes"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    out["python"] = ".".join(map(str, sys.version_info[:3]))
+    return out
+
+
+def read_marker(out_dir: Path) -> RunInfo | None:
+    """nora.json if it marks a nora run (this version's kind, or an older run's nora_version)."""
     try:
-        meta = json.loads((out_dir / MARKER).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        info = RunInfo.read(out_dir)
+    except NoraError:
         return None
-    if isinstance(meta, dict) and (meta.get("kind") == RUN_KIND or "nora_version" in meta):
-        return meta
-    return None
+    return info if info.is_run else None
 
 
 def is_nora_run(out_dir: Path) -> bool:
     return read_marker(out_dir) is not None
 
 
-def marker_meta() -> dict[str, Any]:
-    from nora_cli import __version__
-
-    return {"kind": RUN_KIND, "nora_version": __version__}
-
-
 def write_marker(out_dir: Path) -> None:
-    """The first file of a fresh run; `write_run_info` later extends it with the run's details."""
-    from nora_cli.safety import atomic_write
+    """The first file of a fresh run; `nora train` later rewrites it with the full `RunInfo.for_run`."""
+    RunInfo.marker().write(out_dir)
 
-    atomic_write(out_dir / MARKER, (json.dumps(marker_meta(), indent=2) + "\n").encode())
+
+# --- what an adapter directory says about itself ------------------------------------------------------------
+
+
+def _peft_configs(directory: Path) -> list[dict[str, Any]]:
+    """adapter_config.json of the dir itself, else of its DreamBooth components (unet/, text_encoder/)."""
+    files = [directory / "adapter_config.json"]
+    if not files[0].is_file():
+        files = [directory / part / "adapter_config.json" for part in DIFFUSERS_COMPONENTS]
+    configs = [read_json(f, "adapter config") for f in files if f.is_file()]
+    return [c for c in configs if isinstance(c, dict)]
+
+
+def recorded_base(directory: Path) -> str | None:
+    """The base model an adapter was trained on: nora.json's base_model (as the user named it), else its
+    base_model_resolved, else the PEFT adapter_config.json's base_model_name_or_path (the dir's own, or its
+    DreamBooth components'). None when nothing records it; each caller says which flag to pass then."""
+    info = RunInfo.read(directory)
+    base = info.base_model or info.base_model_resolved
+    if base:
+        return str(base)
+    return next((str(c["base_model_name_or_path"]) for c in _peft_configs(directory)
+                 if c.get("base_model_name_or_path")), None)
+
+
+def recorded_task(directory: Path) -> str | None:
+    """The task an adapter belongs to: nora.json's task, else its layout (a diffusers LoRA file or a unet/
+    adapter: dreambooth), else a PEFT adapter_config.json's task_type (absent or CAUSAL_LM: causal-lm).
+    None for a directory that holds no adapter."""
+    task = RunInfo.read(directory).task
+    if task:
+        return str(task)
+    if (directory / DIFFUSERS_LORA_FILE).is_file() or (directory / "unet" / "adapter_config.json").is_file():
+        return "dreambooth"
+    config_file = directory / "adapter_config.json"
+    if not config_file.is_file():
+        return None
+    config = read_json(config_file, "adapter config")
+    task_type = config.get("task_type") if isinstance(config, dict) else None
+    return "causal-lm" if task_type in (None, "CAUSAL_LM") else str(task_type).lower()
 
 
 # --- lock ------------------------------------------------------------------------------------------------

@@ -13,10 +13,9 @@ record in samples.json names the seed that reproduces it.
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from nora_cli.errors import NoraError
 
@@ -36,31 +35,23 @@ SCHEDULERS = {
 TASK_KINDS: dict[str, Kind] = {"dreambooth": "images", "causal-lm": "text"}
 
 
-def _adapter_meta(adapter: Path) -> dict[str, Any]:
-    from nora_cli.tasks.dreambooth.export import read_nora_json
-
-    if not adapter.is_dir():
-        raise NoraError(f"adapter directory not found: {adapter}")
-    return read_nora_json(adapter)
-
-
 def detect_kind(model: str | None, adapter: Path | None) -> Kind:
-    """images or text, from the adapter (nora.json task, file layout) or else from the base model."""
-    from nora_cli.tasks.dreambooth.export import DIFFUSERS_LORA_FILE
+    """images or text, from the adapter (`run_dir.recorded_task`) or else from the base model."""
+    from nora_cli.run_dir import DIFFUSERS_LORA_FILE, RunInfo, recorded_task
     from nora_cli.tasks.dreambooth.pipeline import is_pipeline_dir
 
     if adapter is not None:
-        task = _adapter_meta(adapter).get("task")
-        if task is not None:
-            if task not in TASK_KINDS:
+        if not adapter.is_dir():
+            raise NoraError(f"adapter directory not found: {adapter}")
+        task = recorded_task(adapter)
+        if task is None:
+            raise NoraError(f"{adapter} is not an adapter directory (no nora.json, adapter_config.json or "
+                            f"{DIFFUSERS_LORA_FILE})")
+        if task not in TASK_KINDS:
+            if RunInfo.read(adapter).task is not None:
                 raise NoraError(f"{adapter}/nora.json has unknown task {task!r}")
-            return TASK_KINDS[task]
-        if (adapter / DIFFUSERS_LORA_FILE).is_file() or (adapter / "unet" / "adapter_config.json").is_file():
-            return "images"
-        if (adapter / "adapter_config.json").is_file():
-            return "text"
-        raise NoraError(f"{adapter} is not an adapter directory (no nora.json, adapter_config.json or "
-                        f"{DIFFUSERS_LORA_FILE})")
+            return "text"  # a PEFT adapter of another task_type: its base model decides (as before)
+        return TASK_KINDS[task]
     if model is None:
         raise NoraError("give --model, --adapter, or both")
     return "images" if is_pipeline_dir(model) else "text"
@@ -120,34 +111,13 @@ class ImageRecord:
     width: int
 
 
-def _attach_lora(pipe: Any, adapter: Path, scale: float) -> None:
-    """Load the diffusers LoRA file (exporting it from the PEFT adapter first if only that exists)."""
-    from diffusers.utils import logging as diffusers_logging
-
-    from nora_cli.tasks.dreambooth.export import DIFFUSERS_LORA_FILE, export_diffusers_lora
-
-    with tempfile.TemporaryDirectory() as tmp:
-        lora_dir = adapter
-        if not (adapter / DIFFUSERS_LORA_FILE).is_file():
-            lora_dir = Path(tmp)
-            export_diffusers_lora(adapter, lora_dir)
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # "no LoRA keys for CLIPTextModel" is the normal case
-        try:
-            pipe.load_lora_weights(str(lora_dir), weight_name=DIFFUSERS_LORA_FILE, adapter_name="nora")
-        except (ValueError, KeyError, OSError) as err:
-            raise NoraError(f"cannot load LoRA from {adapter}: {str(err).splitlines()[0]}") from err
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
-    pipe.set_adapters(["nora"], adapter_weights=[scale])
-
-
 def sample_images(req: ImageRequest) -> list[ImageRecord]:
     """Write one PNG per image, grid.png (a row per prompt) and samples.json into req.out_dir."""
     import diffusers
     import torch
     from diffusers.utils import make_image_grid
 
+    from nora_cli.tasks.dreambooth.export import load_lora
     from nora_cli.tasks.dreambooth.pipeline import load_pipeline
 
     device = _device()
@@ -156,7 +126,8 @@ def sample_images(req: ImageRequest) -> list[ImageRecord]:
     if req.scheduler is not None:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[req.scheduler]).from_config(pipe.scheduler.config)
     if req.adapter is not None:
-        _attach_lora(pipe, req.adapter, req.lora_scale)
+        load_lora(pipe, req.adapter, "nora")
+        pipe.set_adapters(["nora"], adapter_weights=[req.lora_scale])
     height = req.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = req.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     req.out_dir.mkdir(parents=True, exist_ok=True)
@@ -204,7 +175,7 @@ class TextRequest:
 
 def sample_text(req: TextRequest) -> list[str]:
     """Generate an answer per prompt, streaming tokens to stdout as they come (TextStreamer)."""
-    from nora_cli.export.adapter import attach_adapter, check_adapter_fits, read_adapter
+    from nora_cli.export.adapter import open_adapter, read_adapter
 
     # the adapter's files first: a broken one fails before torch is even imported
     checked = None if req.adapter is None else read_adapter(req.adapter, req.allow_pickle)
@@ -213,19 +184,18 @@ def sample_text(req: TextRequest) -> list[str]:
 
     from nora_cli.data.example import Example
     from nora_cli.data.templates import render_prompt
-    from nora_cli.models import load_causal_lm
+    from nora_cli.models import load_causal_lm, load_tokenizer
 
     device = _device()
-    meta: dict[str, Any] = {}
+    dtype = "bf16" if device == "cuda" else "fp32"
     if checked is not None:
-        meta = _adapter_meta(checked.path)
-        check_adapter_fits(checked, req.model)
-    model, tokenizer = load_causal_lm(req.model, dtype="bf16" if device == "cuda" else "fp32",
-                                      allow_pickle=req.allow_pickle)
-    if req.adapter is not None:
-        model = attach_adapter(model, req.adapter, req.model)
+        opened = open_adapter(checked, req.model, dtype=dtype, allow_pickle=req.allow_pickle)
+        model, tokenizer = opened.model, load_tokenizer(opened.base)
+    else:
+        model, tokenizer = load_causal_lm(req.model, dtype=dtype, allow_pickle=req.allow_pickle)
     model.to(device).eval()
-    template = req.template or meta.get("prompt_template") or ("chat" if tokenizer.chat_template else "none")
+    recorded = checked.nora.meta.get("prompt_template") if checked is not None else None
+    template = req.template or recorded or ("chat" if tokenizer.chat_template else "none")
     answers = []
     for i, prompt in enumerate(req.prompts):
         if len(req.prompts) > 1:

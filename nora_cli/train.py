@@ -302,23 +302,9 @@ def _train_locked(recipe: Recipe, out_dir: Path, *, resume: bool, overwrite: boo
     if finish is not None:
         finish(True)
     if main:
-        meta = {
-            **rundir.marker_meta(),
-            "task": recipe.task,
-            "method": recipe.method,
-            "dtype": recipe.model.dtype,
-            "quantization": recipe.model.quantization,
-            "init": {"name": recipe.adapter.init, "sigma": recipe.adapter.sigma, "side": recipe.adapter.side,
-                     "seed": recipe.seed},
-            "precondition": {"kind": recipe.optimizer.precondition, "normalize": recipe.optimizer.normalize,
-                             "damping": recipe.optimizer.damping},
-            "lora": {"r": recipe.adapter.r, "alpha": recipe.adapter.alpha,
-                     "target_modules": recipe.adapter.target_modules, "use_rslora": recipe.adapter.use_rslora},
-            "num_processes": accelerator.num_processes,
-            **job.meta,
-            "versions": loop.library_versions(),
-        }
-        loop.write_run_info(out_dir, recipe_to_yaml(recipe), meta)
+        # recipe.yaml + nora.json go in before training, so even a crashed run is self-describing
+        loop.write_recipe(out_dir, recipe_to_yaml(recipe))
+        rundir.RunInfo.for_run(recipe, num_processes=accelerator.num_processes, task_meta=job.meta).write(out_dir)
     accelerator.wait_for_everyone()  # damaged checkpoints are set aside before any rank looks for the latest
     try:
         summary = loop.run(job, recipe, sched, accelerator, out_dir, resume=resume)

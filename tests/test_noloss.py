@@ -136,6 +136,19 @@ def test_run_marker_recognises_this_and_the_previous_version(tmp_path: Path) -> 
     assert {n for n in cases if is_nora_run(tmp_path / n)} == {"new", "old"}
 
 
+def test_run_info_read_then_write_keeps_every_key(tmp_path: Path) -> None:
+    from nora_cli.run_dir import RunInfo
+
+    legacy = {"nora_version": "0.1.0", "task": "causal-lm", "quantization": None, "base_model": "smollm2-135m",
+              "prompt_template": "alpaca", "someday": {"x": 1}}
+    (tmp_path / "nora.json").write_text(json.dumps(legacy))
+    info = RunInfo.read(tmp_path)
+    assert info.is_run and info.task == "causal-lm" and info.meta == {"prompt_template": "alpaca", "someday": {"x": 1}}
+    info.write(tmp_path / "copy")
+    assert json.loads((tmp_path / "copy" / "nora.json").read_text()) == legacy
+    assert RunInfo.read(tmp_path / "absent").to_dict() == {}
+
+
 # --- 2./3. cheap checks first; a late failure puts the old run back --------------------------------------------
 
 

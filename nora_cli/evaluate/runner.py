@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nora_cli.config.names import EVAL_BATCH_SIZE, Protocol
-from nora_cli.errors import NoraError, read_json
+from nora_cli.errors import NoraError
 from nora_cli.evaluate import fewshot
 from nora_cli.evaluate.report import average, progress_bar, summarize, write_outputs
 from nora_cli.evaluate.tasks import Task, default_data_path, get_task, item_labels, load_records
@@ -218,22 +218,6 @@ class LoadedModel:
     adapter: str | None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    data = read_json(path, "file")
-    if not isinstance(data, dict):
-        raise NoraError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _base_of(directory: Path) -> str | None:
-    """The base model a nora output dir (nora.json) or a PEFT adapter (adapter_config.json) names."""
-    if (directory / "nora.json").is_file():
-        return _read_json(directory / "nora.json").get("base_model")
-    if (directory / "adapter_config.json").is_file():
-        return _read_json(directory / "adapter_config.json").get("base_model_name_or_path")
-    return None
-
-
 def load_for_eval(
     model: str | None = None, adapter: str | Path | None = None, merged: str | Path | None = None,
     dtype: str = "fp32", allow_pickle: bool = False,
@@ -241,7 +225,7 @@ def load_for_eval(
     """Base model, base + PEFT adapter (nora output dir or any PEFT dir), or a merged model dir.
 
     Pickled (.bin) weights load only with `allow_pickle`; the adapter's files are checked before any model."""
-    from nora_cli.export.adapter import attach_adapter, check_adapter_fits, read_adapter
+    from nora_cli.export.adapter import open_adapter, read_adapter
     from nora_cli.models import (
         check_weight_format,
         load_causal_lm,
@@ -249,6 +233,7 @@ def load_for_eval(
         resolve_source,
         torch_dtype,
     )
+    from nora_cli.run_dir import recorded_base
 
     if adapter is not None and merged is not None:
         raise NoraError("pass either --adapter or --merged, not both")
@@ -259,7 +244,7 @@ def load_for_eval(
         if any((merged_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             net, tokenizer = load_causal_lm(str(merged_dir), dtype=dtype, allow_pickle=allow_pickle)
         else:  # `save_pretrained` of a merged model alone writes no tokenizer: take the base model's
-            tok_source = model or _base_of(merged_dir)
+            tok_source = model or recorded_base(merged_dir)
             if not tok_source:
                 raise NoraError(f"{merged_dir} has no tokenizer; pass --model BASE to use the base model's")
             from transformers import AutoModelForCausalLM
@@ -276,17 +261,16 @@ def load_for_eval(
             raise NoraError(f"{adapter_dir} has no adapter_config.json; pass a nora output dir or a PEFT "
                             "adapter directory")
         checked = read_adapter(adapter_dir, allow_pickle)
-        model = model or _base_of(adapter_dir)
+        model = model or recorded_base(adapter_dir)
         if not model:
             raise NoraError(f"{adapter_dir} does not name its base model; pass --model BASE")
-        check_adapter_fits(checked, model)
+        opened = open_adapter(checked, model, dtype=dtype, allow_pickle=allow_pickle)
+        return LoadedModel(opened.model, load_tokenizer(opened.base), str(model), str(adapter))
     if not model:
         raise NoraError("pass --model BASE (or --adapter DIR / --merged DIR / --recipe RECIPE)")
     net, tokenizer = load_causal_lm(model, dtype=dtype, allow_pickle=allow_pickle)
-    if adapter is not None:
-        net = attach_adapter(net, adapter_dir, str(model))
     net.eval()
-    return LoadedModel(net, tokenizer, str(model), None if adapter is None else str(adapter))
+    return LoadedModel(net, tokenizer, str(model), None)
 
 
 def run_evaluation(

@@ -1,4 +1,5 @@
-"""Read an adapter directory, find its base model, and turn its tensors into per-weight updates.
+"""Read an adapter directory, find its base model, open it on that base, and turn its tensors into per-weight
+updates.
 
 An update is everything the adapter does to one base tensor: a low-rank delta s·B·A and/or a full
 replacement (modules_to_save, or an embedding saved alongside the adapter). Keys are in the
@@ -14,9 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nora_cli.errors import NoraError, read_json
+from nora_cli.run_dir import RunInfo, recorded_base
 
 if TYPE_CHECKING:
     import torch
+
+    from nora_cli.models import Dtype, ModelSource
 
 PEFT_PREFIX = "base_model.model."
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -30,7 +34,7 @@ class Adapter:
 
     path: Path
     config: dict[str, Any]
-    nora: dict[str, Any]
+    nora: RunInfo  # empty when the dir has no nora.json
     weights: Path
     shapes: dict[str, list[int]] = field(default_factory=dict)  # tensor -> shape, from the file header
 
@@ -68,16 +72,6 @@ class Update:
         assert self.A is not None and self.B is not None
         out, inp = self.B.shape[0], self.A.shape[1]
         return (inp, out) if self.transposed else (out, inp)
-
-
-def read_nora(path: Path) -> dict[str, Any]:
-    file = path / "nora.json"
-    if not file.is_file():
-        return {}
-    nora = read_json(file, "adapter metadata")
-    if not isinstance(nora, dict):
-        raise NoraError(f"{file} must hold a JSON object, got {type(nora).__name__}")
-    return nora
 
 
 def check_weights_file(file: Path, allow_pickle: bool) -> dict[str, list[int]]:
@@ -129,19 +123,21 @@ def read_adapter(path: str | Path, allow_pickle: bool = False) -> Adapter:
     if not isinstance(config, dict) or not isinstance(config.get("r", 8), int) or \
             not isinstance(config.get("lora_alpha", 8), int | float):
         raise NoraError(f"{config_file} is not a PEFT adapter config (expected an object with integer 'r')")
-    adapter = Adapter(path=path, config=config, nora=read_nora(path), weights=weights,
+    adapter = Adapter(path=path, config=config, nora=RunInfo.read(path), weights=weights,
                       shapes=check_weights_file(weights, allow_pickle))
     if config.get("peft_type", "LORA") == "LORA":
         _check_ranks(adapter, adapter.shapes)
     return adapter
 
 
-def check_adapter_fits(adapter: Adapter, base: str) -> None:
+def check_adapter_fits(adapter: Adapter, base: str | ModelSource) -> None:
     """Every LoRA pair must wrap a Linear layer of the base with matching (in, out), checked on the base's
     meta-device skeleton (config.json only): an adapter made for another model fails before weights load."""
-    from nora_cli.models import linear_layers, model_skeleton, resolve_source
+    from nora_cli.models import ModelSource, linear_layers, model_skeleton, resolve_source
 
-    layers = linear_layers(model_skeleton(resolve_source(base)))
+    source = base if isinstance(base, ModelSource) else resolve_source(base)
+    base = source.display
+    layers = linear_layers(model_skeleton(source))
     for key, shape in adapter.shapes.items():
         if not key.endswith(".lora_A.weight") or len(shape) != 2:
             continue
@@ -156,13 +152,13 @@ def check_adapter_fits(adapter: Adapter, base: str) -> None:
                             "trained on another model?")
 
 
-def attach_adapter(model: Any, adapter_dir: Path, base: str) -> Any:
+def attach_adapter(model: Any, adapter_dir: Path, base: str, adapter_name: str = "default") -> Any:
     """PeftModel.from_pretrained with its failures as one line: an adapter made for another base (missing
     target modules, mismatched shapes) names both."""
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir))
+        return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError, OSError) as err:
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
         detail = next((line for line in lines if "size mismatch" in line), lines[0])
@@ -180,12 +176,36 @@ def refuse_mutated_init(adapter: Adapter) -> None:
         )
 
 
-def resolve_base(adapter_dir: Path, base: str | None, config: dict[str, Any] | None = None) -> Base:
-    """--base, else nora.json "base_model", else adapter_config.json "base_model_name_or_path"."""
+@dataclass(frozen=True)
+class OpenAdapter:
+    """A causal LM base with an adapter attached, and what it was opened from."""
+
+    model: Any  # peft.PeftModel, in eval mode
+    adapter: Adapter
+    base: ModelSource  # `load_tokenizer(base)` gives its tokenizer
+
+
+def open_adapter(adapter: Adapter | str | Path, base: str | ModelSource, *, dtype: Dtype = "fp32",
+                 allow_pickle: bool = False, check_fit: bool = True, adapter_name: str = "default") -> OpenAdapter:
+    """Base + adapter for a causal LM (sample, evaluate, export, verify): the adapter's files are checked first,
+    before torch or any weights load, then (`check_fit`) its shapes against the base's skeleton; a failure to
+    attach is one line naming both. The base's tokenizer is not loaded (a bare checkpoint may have none)."""
+    from nora_cli.models import ModelSource, load_causal_lm_weights, resolve_source
+
+    if not isinstance(adapter, Adapter):
+        adapter = read_adapter(adapter, allow_pickle)
+    source = base if isinstance(base, ModelSource) else resolve_source(base)
+    if check_fit:
+        check_adapter_fits(adapter, source)
+    model = load_causal_lm_weights(source, dtype=dtype, allow_pickle=allow_pickle)
+    return OpenAdapter(attach_adapter(model, adapter.path, source.display, adapter_name).eval(), adapter, source)
+
+
+def resolve_base(adapter_dir: Path, base: str | None) -> Base:
+    """--base, else the base the adapter records (`run_dir.recorded_base`)."""
     from nora_cli.models import resolve_source
 
-    if base is None:
-        base = read_nora(adapter_dir).get("base_model") or (config or {}).get("base_model_name_or_path")
+    base = base if base is not None else recorded_base(adapter_dir)
     if not base:
         raise NoraError(f"{adapter_dir} does not record its base model; pass --base MODEL")
     source = resolve_source(base)

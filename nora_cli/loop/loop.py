@@ -9,7 +9,6 @@ checkpoint only needs the step number to resume mid-epoch exactly.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -26,6 +25,7 @@ from nora_cli.errors import NoraError
 from nora_cli.loop import checkpoint as ckpt
 from nora_cli.loop.job import Job
 from nora_cli.loop.metrics import MetricsLog, peak_memory_mb
+from nora_cli.safety import atomic_dir, atomic_write
 
 if TYPE_CHECKING:
     from nora_cli.config.schema import Recipe, TrainConfig
@@ -258,7 +258,7 @@ def run(job: Job, recipe: Recipe, sched: Schedule, accelerator: Any, out_dir: Pa
                     if tcfg.save_best and val < best_val:
                         best_val = val
                         if main:
-                            ckpt.atomic_dir(out_dir / "best", lambda d: job.save_final(raw_model, d))
+                            atomic_dir(out_dir / "best", lambda d: job.save_final(raw_model, d))
             if job.on_validate is not None and main:  # the hook keeps its own schedule (e.g. validation images)
                 job.on_validate(raw_model, step, sched.total_steps, out_dir)
 
@@ -357,21 +357,7 @@ def _agree(flag: bool, accelerator: Any) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
-def write_run_info(out_dir: Path, recipe_yaml: str, nora_meta: dict[str, Any]) -> None:
-    """recipe.yaml + nora.json go in before training, so even a crashed run is self-describing."""
+def write_recipe(out_dir: Path, recipe_yaml: str) -> None:
+    """The resolved recipe, written before training (and before the run's nora.json, which train.py owns)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write(out_dir / "recipe.yaml", recipe_yaml.encode())
-    ckpt.atomic_write(out_dir / "nora.json", (json.dumps(nora_meta, indent=2) + "\n").encode())
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("nora-cli", "torch", "transformers", "peft", "accelerate", "diffusers", "datasets", "bitsandbytes"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            continue
-    out["python"] = ".".join(map(str, os.sys.version_info[:3]))
-    return out
+    atomic_write(out_dir / "recipe.yaml", recipe_yaml.encode())

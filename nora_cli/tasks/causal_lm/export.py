@@ -13,8 +13,8 @@ from nora_cli.errors import NoraError
 from nora_cli.export.adapter import (
     Adapter,
     Base,
-    attach_adapter,
     collect_updates,
+    open_adapter,
     read_adapter,
     refuse_mutated_init,
     resolve_base,
@@ -75,7 +75,7 @@ def write_support_files(base: Base, adapter_dir: Path, out: Path, config_patch: 
 
 
 def _quantization_note(adapter: Adapter, base: Base) -> list[str]:
-    quant = adapter.nora.get("quantization")
+    quant = adapter.nora.quantization
     if not quant:
         return []
     return [f"trained on a {quant}-quantized base (QLoRA): merged into the full-precision weights of "
@@ -88,7 +88,7 @@ def export_merged(job: ExportJob, staging: Path) -> MergeReport:
 
     adapter = read_adapter(job.adapter_dir, job.allow_pickle)
     refuse_mutated_init(adapter)
-    base = resolve_base(job.adapter_dir, job.base, adapter.config)
+    base = resolve_base(job.adapter_dir, job.base)
     job.refuse_inside(base.local_dir, "base model")
     if _base_config(base).get("quantization_config"):
         raise NoraError(f"base {base.display} is a quantized checkpoint; merging needs the full-precision "
@@ -137,19 +137,17 @@ def _stored_dtype(headers: dict) -> str:
 def _load_merge(job: ExportJob, staging: Path, adapter: Adapter, base: Base, notes: list[str]) -> MergeReport:
     """The fallback: the whole model in fp32, PEFT's merge, cast, save_pretrained."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from nora_cli.models import check_weight_format, resolve_source, torch_dtype
+    from nora_cli.models import ModelSource, torch_dtype
 
-    check_weight_format(resolve_source(base.name_or_path), job.allow_pickle)
-    safe = {"use_safetensors": None, "weights_only": True} if job.allow_pickle else {"use_safetensors": True}
     try:
         stored = getattr(AutoConfig.from_pretrained(base.name_or_path), "dtype", None) or torch.float32
-        model = AutoModelForCausalLM.from_pretrained(base.name_or_path, dtype=torch.float32, **safe)
     except OSError as err:
         raise NoraError(f"cannot load base model {base.display!r}: {str(err).splitlines()[0]}") from None
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
-    peft_model = attach_adapter(model, adapter.path, base.display)
+    peft_model = open_adapter(adapter, ModelSource(base.name_or_path, base.display), allow_pickle=job.allow_pickle,
+                              check_fit=False).model
     changed = sum(1 for name, _ in peft_model.named_parameters() if "lora_B" in name or "lora_embedding_B" in name)
     merged = peft_model.merge_and_unload()
     out_dtype = torch_dtype(job.dtype) if job.dtype else stored
@@ -170,7 +168,7 @@ def _write_provenance(staging: Path, report: MergeReport, adapter: Adapter, base
     """Which adapter + base made this model, and the training metadata (prompt template, ...) for evaluate."""
     info = {"adapter": str(adapter.path.resolve()), "base_model": base.display, "base_model_resolved":
             base.name_or_path, "format": report.fmt, "dtype": report.dtype, "method": report.method,
-            "nora": adapter.nora}
+            "nora": adapter.nora.to_dict()}
     (staging / PROVENANCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 

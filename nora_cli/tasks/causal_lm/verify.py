@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nora_cli.export.adapter import resolve_base
+from nora_cli.export.adapter import open_adapter, resolve_base
 from nora_cli.export.job import ExportJob, MergeReport, VerifyReport
 
 if TYPE_CHECKING:
@@ -66,12 +66,17 @@ def _compare(ref: torch.Tensor, got: torch.Tensor, plain: torch.Tensor, dtype: s
                         float((ref - plain).abs().max()), dtype, len(ref))
 
 
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _load(name_or_path: str | Path) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, use_safetensors=True).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, use_safetensors=True).to(_device()).eval()
 
 
 def verify_merge(
@@ -81,18 +86,20 @@ def verify_merge(
     base: str | None = None,
     fmt: str = "merged",
     dtype: str = "fp32",
+    allow_pickle: bool = False,
 ) -> VerifyReport:
     """Max |logit difference| of an export vs. base + adapter (PeftModel); `dtype` picks the tolerance.
 
     fmt "merged": `export_dir` is a full model; fmt "peft": an adapter applied to the same base.
     One model is in memory at a time for "merged" (reference first, then the merged model).
     """
-    from peft import PeftModel
+    from nora_cli.models import ModelSource
 
     adapter_dir, export_dir = Path(adapter_dir), Path(export_dir)
-    base_info = resolve_base(adapter_dir, base, _adapter_config(adapter_dir))
+    base_info = resolve_base(adapter_dir, base)
     batch = _prompt_batch([export_dir, adapter_dir, base_info.name_or_path])
-    model = PeftModel.from_pretrained(_load(base_info.name_or_path), adapter_dir, adapter_name="source").eval()
+    model = open_adapter(adapter_dir, ModelSource(base_info.name_or_path, base_info.display), check_fit=False,
+                         allow_pickle=allow_pickle, adapter_name="source").model.to(_device())
     ref = _logits(model, batch)
     with model.disable_adapter():
         plain = _logits(model, batch)
@@ -106,13 +113,7 @@ def verify_merge(
     return _compare(ref, got, plain, dtype)
 
 
-def _adapter_config(adapter_dir: Path) -> dict:
-    import json
-
-    file = adapter_dir / "adapter_config.json"
-    return json.loads(file.read_text()) if file.is_file() else {}
-
-
 def verify_export(job: ExportJob, staging: Path, report: MergeReport) -> VerifyReport:
     """Registry hook for the causal-LM formats: check the staged files before they are moved to --out."""
-    return verify_merge(job.adapter_dir, staging, base=job.base, fmt=job.fmt, dtype=report.dtype)
+    return verify_merge(job.adapter_dir, staging, base=job.base, fmt=job.fmt, dtype=report.dtype,
+                        allow_pickle=job.allow_pickle)

@@ -21,13 +21,13 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nora_cli.errors import NoraError, read_json
+from nora_cli.errors import NoraError
+from nora_cli.run_dir import DIFFUSERS_LORA_FILE, MARKER, RunInfo, recorded_base
 
 if TYPE_CHECKING:
     import torch
 
 PEFT_PREFIX = "base_model.model."
-DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 #: subfolder -> keyword of StableDiffusionPipeline.save_lora_weights
 COMPONENTS = {"unet": "unet_lora_layers", "text_encoder": "text_encoder_lora_layers"}
 
@@ -103,31 +103,38 @@ def export_diffusers_lora(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     layers = {COMPONENTS[name]: convert_state_dict_to_diffusers(folded_state_dict(path))
               for name, path in _component_dirs(adapter_dir).items()}
     StableDiffusionPipeline.save_lora_weights(out_dir, **layers, weight_name=DIFFUSERS_LORA_FILE)
-    if adapter_dir.resolve() != out_dir.resolve() and (adapter_dir / "nora.json").is_file():
-        (out_dir / "nora.json").write_text((adapter_dir / "nora.json").read_text())
+    if adapter_dir.resolve() != out_dir.resolve() and (adapter_dir / MARKER).is_file():
+        RunInfo.read(adapter_dir).write(out_dir)
     return out_dir / DIFFUSERS_LORA_FILE
 
 
-def read_nora_json(adapter_dir: str | Path) -> dict[str, Any]:
-    """nora.json of an output dir ({} when absent); one reader shared with `nora merge`."""
-    from nora_cli.export.adapter import read_nora
+def load_lora(pipe: Any, adapter_dir: Path, adapter_name: str = "nora") -> None:
+    """Load a DreamBooth adapter into a diffusers pipeline as `adapter_name`: its diffusers LoRA file, exported
+    into a temporary dir first when only the PEFT adapters are there. A file diffusers refuses is one line."""
+    from diffusers.utils import logging as diffusers_logging
 
-    return read_nora(Path(adapter_dir))
+    with tempfile.TemporaryDirectory() as tmp:
+        lora_dir = adapter_dir
+        if not (adapter_dir / DIFFUSERS_LORA_FILE).is_file():
+            lora_dir = Path(tmp)
+            export_diffusers_lora(adapter_dir, lora_dir)
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # "no LoRA keys for CLIPTextModel" is the normal case
+        try:
+            pipe.load_lora_weights(str(lora_dir), weight_name=DIFFUSERS_LORA_FILE, adapter_name=adapter_name)
+        except (ValueError, KeyError, OSError) as err:
+            raise NoraError(f"cannot load LoRA from {adapter_dir}: {str(err).splitlines()[0]}") from err
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
 
 
 def adapter_base(adapter_dir: str | Path) -> str:
-    """The base an adapter was trained on: nora.json, else its (UNet's) adapter_config.json."""
-    adapter_dir = Path(adapter_dir)
-    meta = read_nora_json(adapter_dir)
-    for key in ("base_model", "base_model_resolved"):
-        if meta.get(key):
-            return str(meta[key])
-    for path in _component_dirs(adapter_dir).values():
-        config = read_json(path / "adapter_config.json", "adapter config")
-        base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-        if base:
-            return str(base)
-    raise NoraError(f"cannot tell the base model of {adapter_dir}; pass it explicitly (--model / --base)")
+    """The base an adapter was trained on (`run_dir.recorded_base`), or one line saying to name it."""
+    base = recorded_base(Path(adapter_dir))
+    if base is None:
+        _component_dirs(Path(adapter_dir))  # no adapter at all says so first
+        raise NoraError(f"cannot tell the base model of {adapter_dir}; pass it explicitly (--model / --base)")
+    return base
 
 
 def export_merged_pipeline(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
@@ -137,11 +144,7 @@ def export_merged_pipeline(adapter_dir: str | Path, out_dir: str | Path, base: s
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     pipe = load_pipeline(base or adapter_base(adapter_dir), dtype=dtype)
-    with tempfile.TemporaryDirectory() as tmp:
-        lora_dir = adapter_dir if (adapter_dir / DIFFUSERS_LORA_FILE).is_file() else Path(tmp)
-        if lora_dir != adapter_dir:
-            export_diffusers_lora(adapter_dir, lora_dir)
-        pipe.load_lora_weights(str(lora_dir), weight_name=DIFFUSERS_LORA_FILE, adapter_name="nora")
+    load_lora(pipe, adapter_dir)
     pipe.fuse_lora(lora_scale=1.0, adapter_names=["nora"])
     pipe.unload_lora_weights()
     pipe.save_pretrained(str(out_dir))
