@@ -57,12 +57,3 @@ def check_images(cfg: Any) -> str:
             check_writable(folder, "class image directory")
         line += f"; class images {folder}: {len(have)} of {cfg.num_class_images}"
     return line
-
-
-def check_data(recipe: Any) -> str:
-    """The one data check for every task; returns a line saying what was checked."""
-    if recipe.task == "dreambooth":
-        if recipe.dreambooth is None:
-            raise NoraError("task 'dreambooth' needs a `dreambooth:` section")
-        return check_images(recipe.dreambooth)
-    return check_text_data(recipe.data)
