@@ -1,4 +1,4 @@
-"""`merge_adapter`: pick the exporter for (task, format), write to a staging dir, verify, move into place.
+"""`merge_adapter`: the exporter for (task, format) from TASKS, into a staging dir, verify, move into place.
 
 Nothing at --out is touched until the export (and --verify) succeeded: exporters write into a
 hidden sibling directory that is renamed onto --out at the end.
@@ -16,40 +16,22 @@ from nora_cli.errors import NoraError
 from nora_cli.export.job import DTYPES, Exporter, ExportJob, MergeReport, VerifyError, peak_rss_mib
 from nora_cli.run_dir import recorded_task
 from nora_cli.safety import check_writable, publish_modes
-from nora_cli.tasks.causal_lm.export import export_merged, export_peft
-from nora_cli.tasks.causal_lm.verify import verify_export
-
-FORMATS = ("merged", "peft", "diffusers")
-#: format used when --format is not given
-DEFAULT_FORMAT = {"causal-lm": "merged", "dreambooth": "diffusers"}
-#: (task, format) -> exporter. The diffusion exporters ("dreambooth", "diffusers"/"merged") go here too.
-def _diffusers_lora(job: ExportJob, staging: Path) -> MergeReport:
-    from nora_cli.tasks.dreambooth.export import diffusers_exporter  # diffusers is imported only when needed
-
-    return diffusers_exporter(job, staging)
+from nora_cli.tasks import TASKS
 
 
-def _merged_pipeline(job: ExportJob, staging: Path) -> MergeReport:
-    from nora_cli.tasks.dreambooth.export import merged_pipeline_exporter
-
-    return merged_pipeline_exporter(job, staging)
-
-
-EXPORTERS: dict[tuple[str, str], Exporter] = {
-    ("causal-lm", "merged"): Exporter(export_merged, verify_export),
-    ("causal-lm", "peft"): Exporter(export_peft, verify_export),
-    ("dreambooth", "diffusers"): Exporter(_diffusers_lora),
-    ("dreambooth", "merged"): Exporter(_merged_pipeline),
-}
-
-
-def find_exporter(task: str, fmt: str) -> Exporter:
-    exporter = EXPORTERS.get((task, fmt))
-    if exporter is None:
-        formats = sorted(f for t, f in EXPORTERS if t == task)
-        hint = f"; available: {', '.join(formats)}" if formats else ""
+def _pick_exporter(task: str, fmt: str | None) -> tuple[str, Exporter]:
+    """--format (default: the task's) and its exporter, both from TASKS; exit 2 for a format nora does not
+    know, or one this adapter's task has no exporter for."""
+    spec = TASKS.get(task)
+    fmt = fmt or (spec.default_format if spec else "merged")
+    known = dict.fromkeys(f for t in TASKS.values() for f in t.exporters)
+    if fmt not in known:
+        raise NoraError(f"--format {fmt!r}: expected one of {', '.join(known)}")
+    formats = spec.exporters if spec else {}
+    if fmt not in formats:
+        hint = f"; available: {', '.join(sorted(formats))}" if formats else ""
         raise NoraError(f"--format {fmt} is not available for this adapter (task {task!r}){hint}")
-    return exporter
+    return fmt, formats[fmt]
 
 
 def parse_size(size: str | int) -> int:
@@ -113,10 +95,7 @@ def merge_adapter(
     if dtype is not None and dtype not in DTYPES:
         raise NoraError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     task = recorded_task(adapter_dir) or "causal-lm"  # no adapter at all: the causal-LM reader says what is missing
-    fmt = fmt or DEFAULT_FORMAT.get(task, "merged")
-    if fmt not in FORMATS:
-        raise NoraError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    exporter = find_exporter(task, fmt)
+    fmt, exporter = _pick_exporter(task, fmt)
     if verify and exporter.verify is None:
         raise NoraError(f"--verify is not available for --format {fmt} (task {task!r})")
     out = Path(out_dir).expanduser()

@@ -321,3 +321,29 @@ def load_causal_lm_weights(
         raise NoraError(f"refusing to unpickle the weights of {src.display!r}: they hold objects other than "
                         "tensors and plain data (possibly malicious)") from None
     return model
+
+
+def check_model_exists(source: str, gguf_file: str | None = None) -> str:
+    """A local model source (alias, .gguf, folder) exists; a hub id is left to the loader. No weights load."""
+    if source in ALIASES:
+        return f"model alias {source} ({alias_gguf_path(source)})"
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf" or gguf_file is not None:
+        gguf = path if path.suffix == ".gguf" else path / str(gguf_file)
+        if not gguf.is_file():
+            raise NoraError(f"GGUF file not found: {gguf}")
+        return f"model {gguf}"
+    if path.exists():
+        if not path.is_dir() or not any((path / f).is_file() for f in ("config.json", "model_index.json")):
+            raise NoraError(f"{path} is not a model directory (no config.json or model_index.json)")
+        return f"model {path}"
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise NoraError(f"model path not found: {source}")
+    return f"model {source} (hub id: checked when it loads)"
+
+
+def inference_device() -> str:
+    """Where `nora sample` runs: the GPU when one is visible, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -18,8 +18,9 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -322,3 +323,76 @@ def check_resume_recipe(out_dir: Path, recipe: Recipe) -> None:
         raise NoraError(f"--resume would change the run in {out_dir}: {shown}. Only "
                         f"{', '.join(k.rstrip('.') for k in RESUME_MAY_CHANGE)} may change on resume; "
                         "start a new run with --overwrite or another --output-dir")
+
+
+# --- output directory: checked before anything loads, prepared once locked -----------------------------
+
+
+def check_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Read-only checks, safe on every rank and before anything heavy: fail now, not after the model loads.
+
+    Only a directory nora's run marker identifies (see above) is continued or replaced; anything else
+    that is not empty is refused untouched."""
+    from nora_cli.safety import check_writable
+
+    if resume and overwrite:
+        raise NoraError("--resume and --overwrite exclude each other")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NoraError(f"output path {out_dir} exists and is not a directory")
+    used = out_dir.is_dir() and any(out_dir.iterdir())
+    if used and not (resume or overwrite):
+        raise NoraError(f"output directory {out_dir} is not empty; pass --resume to continue it or --overwrite")
+    if used and not is_nora_run(out_dir):
+        flag = "--resume" if resume else "--overwrite"
+        raise NoraError(f"refusing to {flag} {out_dir}: it is not a nora run directory (no {MARKER} run marker); "
+                        "nothing was changed")
+    check_writable(out_dir, "output directory")
+
+
+#: prefix of the hidden folder an --overwrite'd run waits in until the new run completes
+OVERWRITTEN = ".nora-overwritten-"
+
+
+def _entries(folder: Path, skip: Path | None = None) -> list[Path]:
+    return [e for e in folder.iterdir() if e != skip]
+
+
+def prepare_output_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> Callable[[bool], None]:
+    """Create the output dir and mark it as a nora run; an --overwrite'd run is only moved aside (into a
+    hidden `OVERWRITTEN` folder inside the same, locked directory, deleted once the new run completes).
+    Returns `finish(ok)`: on failure it removes what this run added and puts the old run back. (Tidying the
+    checkpoints of a --resume'd run is the training loop's: see train.py.) Call it after `check_output_dir`
+    (in `preflight`) passed, holding the output lock."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    before = {e.name for e in out_dir.iterdir()}
+    aside: Path | None = None
+    if overwrite and before:
+        aside = out_dir / f"{OVERWRITTEN}{os.getpid()}"
+        aside.mkdir()
+        try:
+            for entry in _entries(out_dir, aside):
+                os.replace(entry, aside / entry.name)
+        except OSError as err:
+            for entry in _entries(aside):
+                os.replace(entry, out_dir / entry.name)
+            aside.rmdir()
+            raise NoraError(f"cannot move the old run in {out_dir} aside: {err}") from None
+    if not is_nora_run(out_dir):
+        write_marker(out_dir)  # first: from here on the directory is recognisably nora's
+
+    def finish(ok: bool) -> None:
+        if ok:
+            return
+        for entry in _entries(out_dir, aside):  # only what this run added: the old entries are in `aside`
+            if entry.name in before and aside is None:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        if aside is not None:
+            for entry in _entries(aside):
+                os.replace(entry, out_dir / entry.name)
+            aside.rmdir()
+
+    return finish

@@ -41,6 +41,7 @@ from nora_cli.config.names import PISSA_NITER
 from nora_cli.config.schema import METHOD_PRESETS, Recipe
 from nora_cli.errors import NoraError
 from nora_cli.lora import INITS
+from nora_cli.tasks import TASKS
 
 BASE = "base"  # the untrained model: evaluated, never trained
 #: inits no method preset stands for, run as method lora with adapter.init = the name (+ pissa_niter_K)
@@ -194,8 +195,9 @@ def plan_sweep(
     spec = SweepSpec(recipe, variants, seed_list, out, tuple(overrides))
     for v in variants:  # a bad knob fails now, not after hours of training
         spec.run_recipe(v, seed_list[0])
-    if base.task != "causal-lm":
-        raise NoraError(f"nora sweep runs causal-lm recipes; {recipe} is task {base.task!r}")
+    if not TASKS[base.task].sweep:
+        sweepable = ", ".join(name for name, task in TASKS.items() if task.sweep)
+        raise NoraError(f"nora sweep runs {sweepable} recipes; {recipe} is task {base.task!r}")
     tasks = dict(eval_tasks) if eval_tasks else dict.fromkeys(base.eval.tasks)
     if not tasks and any(not v.trains for v in variants):
         raise NoraError("method 'base' is only evaluated: give --eval TASKS (or eval.tasks in the recipe)")

@@ -71,11 +71,11 @@ def validate(name: RecipeArg, overrides: SetOption = None) -> None:
     Also checks, without loading the model, that a local model source and the data exist and that the
     records parse (what `nora train` checks before loading anything); what was checked goes to stderr."""
     from nora_cli.config.load import load_recipe, recipe_to_yaml
-    from nora_cli.data.check import check_data
-    from nora_cli.train import check_model_exists
+    from nora_cli.models import check_model_exists
+    from nora_cli.tasks import TASKS
 
     recipe = load_recipe(name, overrides or [])
-    checked = [check_model_exists(recipe.model.source, recipe.model.gguf_file), check_data(recipe)]
+    checked = [check_model_exists(recipe.model.source, recipe.model.gguf_file), TASKS[recipe.task].check_data(recipe)]
     sys.stdout.write(recipe_to_yaml(recipe))
     for line in checked:
         print(f"ok: {line}", file=sys.stderr)

@@ -51,6 +51,8 @@ def sample(
              "--template": template, "--temperature": temperature, "--top-p": top_p,
              "--max-new-tokens": max_new_tokens}
     from nora_cli import sample as lib
+    from nora_cli.tasks.causal_lm.sample import TextRequest
+    from nora_cli.tasks.dreambooth.sample import ImageRequest
 
     prompts = _prompts(prompt, prompt_file)
     kind = lib.detect_kind(model, adapter)
@@ -58,19 +60,19 @@ def sample(
     base = lib.base_model(model, adapter)
     if kind == "images":
         _check_image_options(scheduler, lora_scale, guidance, adapter, num_images, steps, height, width)
-        request = lib.ImageRequest(
+        request = ImageRequest(
             model=base, adapter=adapter, prompts=prompts, out_dir=out or Path("samples"),
             num_images=num_images or 4, seed=seed, steps=steps or 30,
             guidance=7.5 if guidance is None else guidance, negative_prompt=negative_prompt,
             scheduler=scheduler, lora_scale=1.0 if lora_scale is None else lora_scale,
             height=height, width=width, allow_pickle=allow_pickle,
         )
-        for record in lib.sample_images(request):
+        for record in lib.run(kind, request):
             print(request.out_dir / record.file)
         print(request.out_dir / "grid.png")
     else:
         _check_text_options(template, temperature, top_p, max_new_tokens)
-        lib.sample_text(lib.TextRequest(
+        lib.run(kind, TextRequest(
             model=base, adapter=adapter, prompts=prompts, template=template,
             max_new_tokens=max_new_tokens or 256, temperature=temperature or 0.0,
             top_p=1.0 if top_p is None else top_p, seed=seed, allow_pickle=allow_pickle,
@@ -103,7 +105,7 @@ def _positive(**values: float | None) -> None:
 
 def _check_image_options(scheduler: str | None, lora_scale: float | None, guidance: float | None,
                          adapter: Path | None, num_images: int | None, steps: int | None, height: int | None, width: int | None) -> None:
-    from nora_cli.sample import SCHEDULERS
+    from nora_cli.tasks.dreambooth.sample import SCHEDULERS
 
     if scheduler is not None and scheduler not in SCHEDULERS:
         raise NoraError(f"unknown --scheduler {scheduler!r}; expected {', '.join(SCHEDULERS)}")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from nora_cli.errors import NoraError
 
 if TYPE_CHECKING:
-    from nora_cli.config.schema import DataConfig, DreamBoothConfig, Recipe
+    from nora_cli.config.schema import DataConfig, DreamBoothConfig
 
 
 def _is_hub_or_folder(source: str) -> bool:
@@ -60,12 +60,3 @@ def check_images(cfg: DreamBoothConfig) -> str:
             check_writable(folder, "class image directory")
         line += f"; class images {folder}: {len(have)} of {cfg.num_class_images}"
     return line
-
-
-def check_data(recipe: Recipe) -> str:
-    """The one data check for every task; returns a line saying what was checked."""
-    if recipe.task == "dreambooth":
-        if recipe.dreambooth is None:
-            raise NoraError("task 'dreambooth' needs a `dreambooth:` section")
-        return check_images(recipe.dreambooth)
-    return check_text_data(recipe.data)

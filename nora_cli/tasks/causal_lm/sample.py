@@ -1,0 +1,60 @@
+"""`nora sample` for causal LMs: text from the base (+ the trained LoRA), streamed to stdout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class TextRequest:
+    model: str
+    adapter: Path | None
+    prompts: list[str]
+    template: str | None = None  # alpaca | chat | none; None: nora.json's, else chat if the tokenizer has one
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    allow_pickle: bool = False  # also load pickled .bin base weights (torch.load(weights_only=True))
+
+
+def sample_text(req: TextRequest) -> list[str]:
+    """Generate an answer per prompt, streaming tokens to stdout as they come (TextStreamer)."""
+    from nora_cli.export.adapter import open_adapter, read_adapter
+
+    # the adapter's files first: a broken one fails before torch is even imported
+    checked = None if req.adapter is None else read_adapter(req.adapter, req.allow_pickle)
+    import torch
+    from transformers import TextStreamer
+
+    from nora_cli.data.example import Example
+    from nora_cli.data.templates import render_prompt
+    from nora_cli.models import inference_device, load_causal_lm, load_tokenizer
+
+    device = inference_device()
+    dtype = "bf16" if device == "cuda" else "fp32"
+    if checked is not None:
+        opened = open_adapter(checked, req.model, dtype=dtype, allow_pickle=req.allow_pickle)
+        model, tokenizer = opened.model, load_tokenizer(opened.base)
+    else:
+        model, tokenizer = load_causal_lm(req.model, dtype=dtype, allow_pickle=req.allow_pickle)
+    model.to(device).eval()
+    recorded = checked.nora.meta.get("prompt_template") if checked is not None else None
+    template = req.template or recorded or ("chat" if tokenizer.chat_template else "none")
+    answers = []
+    for i, prompt in enumerate(req.prompts):
+        if len(req.prompts) > 1:
+            print(f"{'' if i == 0 else chr(10)}>>> {prompt}", flush=True)
+        text = render_prompt(template, Example(instruction=prompt), tokenizer)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=template != "chat").to(device)
+        torch.manual_seed(req.seed)
+        sampling = {"do_sample": True, "temperature": req.temperature, "top_p": req.top_p} \
+            if req.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        with torch.inference_mode():
+            out = model.generate(
+                **inputs, max_new_tokens=req.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True), **sampling,
+            )
+        answers.append(tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))
+    return answers
