@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from nora_cli.errors import NoraError
 
+if TYPE_CHECKING:
+    from nora_cli.config.schema import Recipe
 
-def check_lm_adapter(recipe: Any) -> None:
+
+def check_lm_adapter(recipe: Recipe) -> None:
     """Target modules that match nothing and ranks outside 0 < r ≤ min(in, out) fail here, from config.json
     alone, with the names that would have worked. Matching follows PEFT: exact name or `.name` suffix."""
     from nora_cli.models import check_weight_format, linear_layers, model_skeleton, resolve_source
@@ -42,7 +45,7 @@ def check_lm_adapter(recipe: Any) -> None:
         )
 
 
-def check_data(recipe: Any) -> str:
+def check_data(recipe: Recipe) -> str:
     """The text data parses in its format; returns a line saying what was checked."""
     from nora_cli.data.check import check_text_data
 

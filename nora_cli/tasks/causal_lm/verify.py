@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from nora_cli.export.adapter import open_adapter, resolve_base
 from nora_cli.export.job import ExportJob, MergeReport, VerifyReport
+from nora_cli.models import inference_device
 
 if TYPE_CHECKING:
     import torch
@@ -66,17 +67,11 @@ def _compare(ref: torch.Tensor, got: torch.Tensor, plain: torch.Tensor, dtype: s
                         float((ref - plain).abs().max()), dtype, len(ref))
 
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _load(name_or_path: str | Path) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, use_safetensors=True).to(_device()).eval()
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, use_safetensors=True).to(inference_device()).eval()
 
 
 def verify_merge(
@@ -99,7 +94,7 @@ def verify_merge(
     base_info = resolve_base(adapter_dir, base)
     batch = _prompt_batch([export_dir, adapter_dir, base_info.name_or_path])
     model = open_adapter(adapter_dir, ModelSource(base_info.name_or_path, base_info.display), check_fit=False,
-                         allow_pickle=allow_pickle, adapter_name="source").model.to(_device())
+                         allow_pickle=allow_pickle, adapter_name="source").model.to(inference_device())
     ref = _logits(model, batch)
     with model.disable_adapter():
         plain = _logits(model, batch)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from nora_cli.errors import NoraError
 
+if TYPE_CHECKING:
+    from nora_cli.config.schema import Recipe
 
-def check_data(recipe: Any) -> str:
+
+def check_data(recipe: Recipe) -> str:
     """The instance images decode, a class folder to fill is writable; returns a line saying what was checked."""
     from nora_cli.data.check import check_images
 
