@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -169,12 +170,12 @@ def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool)
         latest = ckpt.latest(out_dir)
         if latest is None:
             if main:
-                print(f"no checkpoint in {out_dir / 'checkpoints'}; starting from step 0")
+                print(f"no checkpoint in {out_dir / 'checkpoints'}; starting from step 0", file=sys.stderr)
         else:
             state = ckpt.load(latest, raw_model, optimizer, scheduler, precond, accelerator)
             start_step, best_val = state["step"], state.get("best_val", math.inf)
             if main:
-                print(f"resuming from {latest} (step {start_step}/{sched.total_steps})")
+                print(f"resuming from {latest} (step {start_step}/{sched.total_steps})", file=sys.stderr)
 
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=main, append=resume and start_step > 0)
     step = start_step
@@ -279,7 +280,7 @@ def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool)
         log.write({"rank_param_checksums": accelerator.gather(checksum).tolist()})
     if main:
         for name, value in ckpt.final_artifacts(out_dir, lambda d: job.save_final(raw_model, d)).items():
-            print(f"wrote {name}: {value}")
+            print(f"wrote {name}: {value}", file=sys.stderr)
         ckpt.prune_finished(out_dir, tcfg.save_steps, tcfg.keep_last)  # signal checkpoints were for resuming
         log.plot(out_dir / "loss.png")
     accelerator.wait_for_everyone()
