@@ -15,11 +15,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +28,9 @@ from nora_cli.errors import NoraError
 from nora_cli.loop import checkpoint as ckpt
 from nora_cli.loop.job import Job
 from nora_cli.loop.metrics import MetricsLog, peak_memory_mb
+
+if TYPE_CHECKING:
+    from nora_cli.optim import Preconditioner
 
 
 class TrainingStopped(Exception):
@@ -216,19 +220,12 @@ def run(job: Job, recipe: Any, accelerator: Any, out_dir: Path, *, resume: bool)
 
             # --- NoRA+ preconditioner, clip, step (a non-finite loss/gradient stops or skips) -------
             loss = _fault_nan(step + 1, loss, trainable)
-            if precond is not None:
-                precond.apply()
-            grad_norm = _clip(trainable, tcfg.max_grad_norm)
-            # fp16 overflow (finite loss, inf gradients) is routine. But GradScaler decided before the
-            # preconditioner ran: a non-finite gradient it made from finite ones (λ = 0) is ours to skip.
-            overflow = overflow and math.isfinite(loss)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)) and not overflow:
-                _non_finite(step + 1, loss, grad_norm, tcfg.nan_policy, out_dir, log)  # raises under "stop"
-                optimizer.zero_grad(set_to_none=True)  # "skip": no gradients, so the step below changes nothing
-            optimizer.step()
+            grad_norm = optimizer_step(
+                optimizer, precond, trainable, tcfg.max_grad_norm, loss=loss, overflow=overflow,
+                on_non_finite=partial(_non_finite, step + 1, policy=tcfg.nan_policy, out_dir=out_dir, log=log),
+            )
             lr = scheduler.get_last_lr()[0]  # the lr this step used; scheduler.step() moves to the next one
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
 
             # --- log ---------------------------------------------------------------------------
@@ -307,6 +304,32 @@ def evaluate_loss(job: Job, model: Any, accelerator: Any, micro: int) -> float |
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     return (total[0] / total[1]).item() if total[1] > 0 else None
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, precond: Preconditioner | None, params: Sequence[torch.nn.Parameter],
+    max_grad_norm: float | None, *, loss: float = 0.0, overflow: bool = False,
+    on_non_finite: Callable[[float, float], None] | None = None,
+) -> float:
+    """The loop's update from the (normalized) gradients in `params`: NoRA+ precondition → clip → step →
+    zero_grad. Returns the gradient norm before clipping. Public so benchmarks time this very step.
+
+    A non-finite loss or gradient norm calls `on_non_finite(loss, grad_norm)`, which raises to stop; if it
+    returns, the gradients are dropped so the step changes nothing ("skip"). fp16 overflow (finite loss, inf
+    gradients, `overflow`) is routine and left to GradScaler, which skips that update itself."""
+    if precond is not None:
+        precond.apply()
+    grad_norm = _clip(list(params), max_grad_norm)
+    # GradScaler decided before the preconditioner ran: a non-finite gradient it made from finite ones
+    # (λ = 0) is ours to skip.
+    overflow = overflow and math.isfinite(loss)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)) and not overflow:
+        if on_non_finite is not None:
+            on_non_finite(loss, grad_norm)
+        optimizer.zero_grad(set_to_none=True)  # no gradients, so the step below changes nothing
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
