@@ -12,7 +12,7 @@ Re-running the same sweep skips finished runs, so an interrupted sweep resumes:
 
 A run dir whose recipe.yaml differs from the one this sweep would train is an error, never a silent mix.
 The table is always rebuilt from the files on disk (metrics.jsonl, results.json), so it equals the runs'
-own metrics whichever process produced them.
+own metrics whichever process produced them; the table, stats and plots are in sweep_report.py.
 
 Method names: the recipe presets (lora, nora, lora-p, nora+), init-only variants of LoRA (gaussian, pissa,
 pissa_niter_K, olora = method lora with adapter.init replaced), each optionally followed by
