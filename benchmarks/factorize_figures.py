@@ -17,8 +17,8 @@ import platform
 import time
 from pathlib import Path
 
-from nora_cli.commands.factorize import _write_plot
 from nora_cli.lab.factorize import EPS, iters_to_eps, run_preset
+from nora_cli.lab.plot import write_plot
 
 PRESETS = ("fig1a", "fig1b", "fig1c", "fig4", "thm3")
 OUT = Path(__file__).resolve().parent / "results" / "factorize"
@@ -63,7 +63,7 @@ def main() -> None:
         start = time.perf_counter()
         result = run_preset(name, seed=args.seed)
         seconds = time.perf_counter() - start
-        _write_plot(result, args.out / f"{name}.png")
+        write_plot(result, args.out / f"{name}.png")
         everything[name] = result
         norm = result["norm_A"]
         for r in result["runs"]:

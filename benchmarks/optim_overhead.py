@@ -9,7 +9,8 @@ one warm-up step so that both factors are non-zero (mid-training state). Two fig
 - optimizer step: `precond.apply(); opt.step()` vs `opt.step()` on the same gradients (parameters,
   gradients and optimizer state restored before every call, untimed); median over `--inner` calls per round.
 - whole train step, as nora's loop runs it: forward + backward of 8 ARC-Easy examples (cutoff 256,
-  nora's training forward) → [precondition] → clip 1.0 → AdamW step → zero_grad.
+  nora's training forward), then the loop's own `optimizer_step` ([precondition] → clip 1.0 → AdamW step →
+  zero_grad).
 
 The arms alternate (order reversed on odd rounds); ratios are NoRA+ / AdamW per round, then the median.
 """
@@ -76,13 +77,10 @@ def build(env: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_step(env: dict[str, Any], opt: Any, precond: Any, batch: dict[str, Any], bf16: bool) -> None:
-    torch = env["torch"]
+    from nora_cli.loop.loop import optimizer_step
+
     backward(env, batch, bf16)
-    if precond is not None:
-        precond.apply()
-    torch.nn.utils.clip_grad_norm_(env["params"], 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    optimizer_step(opt, precond, env["params"], 1.0)  # the update exactly as nora's loop makes it
 
 
 def measure_precision(env: dict[str, Any], opts: dict[str, Any], bf16: bool, rounds: int,

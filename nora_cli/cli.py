@@ -131,7 +131,12 @@ app.command("factorize", help="Matrix-factorization lab: GD/ScaledGD with small 
 app.command("sweep", help="Train + evaluate every (method, seed) of a recipe; writes a Table-4-style summary.")(
     sweep.sweep
 )
-app.add_typer(recipes.app, name="recipes", help="List, show and validate shipped recipes; print the schema.")
+recipes_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+recipes_app.command("list")(recipes.list_)
+recipes_app.command("show")(recipes.show)
+recipes_app.command("schema")(recipes.schema)
+recipes_app.command("validate")(recipes.validate)
+app.add_typer(recipes_app, name="recipes", help="List, show and validate shipped recipes; print the schema.")
 
 
 def _version(value: bool) -> None:

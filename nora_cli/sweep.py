@@ -12,7 +12,7 @@ Re-running the same sweep skips finished runs, so an interrupted sweep resumes:
 
 A run dir whose recipe.yaml differs from the one this sweep would train is an error, never a silent mix.
 The table is always rebuilt from the files on disk (metrics.jsonl, results.json), so it equals the runs'
-own metrics whichever process produced them.
+own metrics whichever process produced them; the table, stats and plots are in sweep_report.py.
 
 Method names: the recipe presets (lora, nora, lora-p, nora+), init-only variants of LoRA (gaussian, pissa,
 pissa_niter_K, olora = method lora with adapter.init replaced), each optionally followed by
@@ -23,12 +23,9 @@ autocast as the runs: the row every gain is measured from.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
-import math
 import re
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +38,14 @@ from nora_cli.config.names import PISSA_NITER
 from nora_cli.config.schema import METHOD_PRESETS, Recipe
 from nora_cli.errors import NoraError
 from nora_cli.lora import INITS
+from nora_cli.sweep_report import (
+    RESULTS_FILE,
+    TIMING_FILE,
+    plot_loss_curves,
+    read_json,
+    summarize,
+    write_outputs,
+)
 from nora_cli.tasks import TASKS
 
 BASE = "base"  # the untrained model: evaluated, never trained
@@ -52,9 +57,7 @@ SHORT_KEYS = {
     "alpha": "adapter.alpha", "lr": "optimizer.lr", "damping": "optimizer.damping",
     "precondition": "optimizer.precondition", "normalize": "optimizer.normalize",
 }
-FINAL_FRACTION = 0.1  # final train loss = mean over the last 10% of logged train steps (at least one)
 ADAPTER_FILE = "adapter_model.safetensors"
-RESULTS_FILE = "results.json"
 
 
 # --- parsing -------------------------------------------------------------------------------------------
@@ -220,16 +223,9 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def results_current(path: Path, plan: EvalPlan) -> bool:
     """results.json exists and scored the same tasks with the same protocol and limit."""
-    results = _read_json(path)
+    results = read_json(path)
     return bool(results) and (
         list(results.get("tasks", {})) == plan.tasks
         and results.get("protocol") == plan.protocol
@@ -289,8 +285,8 @@ def run_one(spec: SweepSpec, variant: Variant, seed: int) -> str:
     state = run_state(run_dir, spec.eval)
     if state == "done":
         return "skipped"
-    timing_path = run_dir / "sweep_timing.json"
-    timing = _read_json(timing_path) or {}
+    timing_path = run_dir / TIMING_FILE
+    timing = read_json(timing_path) or {}
     model = None
     if state in ("new", "resume"):
         start = time.perf_counter()
@@ -314,7 +310,7 @@ def run_one(spec: SweepSpec, variant: Variant, seed: int) -> str:
 def _evaluate_base(spec: SweepSpec, recipe: Recipe, run_dir: Path) -> str:
     """Score the untrained model once (deterministic, so one run_dir serves all seeds)."""
     assert spec.eval is not None  # plan_sweep requires tasks when `base` is listed
-    same_model = (_read_json(run_dir / RESULTS_FILE) or {}).get("model") == recipe.model.source
+    same_model = (read_json(run_dir / RESULTS_FILE) or {}).get("model") == recipe.model.source
     if same_model and results_current(run_dir / RESULTS_FILE, spec.eval):
         return "skipped"
     from nora_cli.evaluate import load_for_eval
@@ -323,7 +319,7 @@ def _evaluate_base(spec: SweepSpec, recipe: Recipe, run_dir: Path) -> str:
     start = time.perf_counter()
     model = load_for_eval(recipe.model.source, dtype=recipe.model.dtype).model
     _evaluate(model, recipe, run_dir, spec.eval)
-    (run_dir / "sweep_timing.json").write_text(json.dumps({"eval_seconds": time.perf_counter() - start}) + "\n")
+    (run_dir / TIMING_FILE).write_text(json.dumps({"eval_seconds": time.perf_counter() - start}) + "\n")
     return "evaluated"
 
 
@@ -335,207 +331,33 @@ def run_sweep(spec: SweepSpec, log: Callable[[str], None] = _log) -> dict[str, A
     # seed-major: an interrupted sweep already holds a full comparison of every method for the first seeds
     for i, (variant, seed) in enumerate(((v, s) for s in spec.seeds for v in spec.variants), 1):
         log(f"[{i}/{total}] {variant.name} seed {seed} → {spec.run_dir(variant, seed)}")
-        with contextlib.redirect_stdout(sys.stderr):  # training's "wrote ..." lines; stdout is the table's
-            action = run_one(spec, variant, seed)
+        action = run_one(spec, variant, seed)
         actions.setdefault(variant.name, {})[str(seed)] = action
         log(f"[{i}/{total}] {variant.name} seed {seed}: {action}")
-    table = summarize(spec)
+    table = summarize_sweep(spec)
     table["actions"] = actions
     write_outputs(table, spec.output_dir)
-    plot_loss_curves(spec, spec.output_dir)  # after the tables: a plotting problem never loses the numbers
+    trained = [v for v in spec.variants if v.trains]
+    # after the tables: a plotting problem never loses the numbers
+    plot_loss_curves({v.name: _run_dirs(spec, v) for v in trained}, {v.name: v.dirname for v in trained},
+                     spec.output_dir)
     return table
 
 
-# --- the table -----------------------------------------------------------------------------------------
+def _run_dirs(spec: SweepSpec, variant: Variant) -> dict[str, Path]:
+    return {str(s): spec.run_dir(variant, s) for s in spec.seeds}
 
 
-def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """(train, val) as sorted (step, loss) pairs; a resumed run may log a step twice: the later row wins."""
-    train: dict[int, float] = {}
-    val: dict[int, float] = {}
-    if not path.is_file():  # the base model's row: never trained
-        return [], []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if "loss" in row:
-                train[int(row["step"])] = float(row["loss"])
-            if "val_loss" in row:
-                val[int(row["step"])] = float(row["val_loss"])
-    return sorted(train.items()), sorted(val.items())
-
-
-def final_train_loss(losses: Sequence[float]) -> float:
-    """Mean of the last ceil(10%) of the logged train losses: one step's loss is one noisy batch."""
-    k = max(1, math.ceil(FINAL_FRACTION * len(losses)))
-    return sum(losses[-k:]) / k
-
-
-def run_metrics(run_dir: Path) -> dict[str, Any]:
-    """One run's numbers, straight from its own metrics.jsonl and results.json."""
-    train, val = read_metrics(run_dir / "metrics.jsonl")
-    losses = [loss for _, loss in train]
-    out: dict[str, Any] = {
-        "steps": train[-1][0] if train else 0,
-        "final_train_loss": final_train_loss(losses) if losses else None,
-        "mean_train_loss": sum(losses) / len(losses) if losses else None,
-        "val_loss": val[-1][1] if val else None,
-        "accuracy": {},
-        "average": None,
-    }
-    results = _read_json(run_dir / RESULTS_FILE)
-    if results:
-        out["accuracy"] = {task: m["accuracy"] for task, m in results["tasks"].items()}
-        out["average"] = results["average"]
-    out.update(_read_json(run_dir / "sweep_timing.json") or {})
-    return out
-
-
-def stats(values: Sequence[float | None]) -> dict[str, Any] | None:
-    """mean, sample std (n-1; 0 for one seed), min, max, n over the seeds that have the value."""
-    xs = [v for v in values if v is not None]
-    if not xs:
-        return None
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-            "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
-def summarize(spec: SweepSpec) -> dict[str, Any]:
-    """The table.json object: per-run metrics and per-method mean ± std."""
-    tasks = spec.eval.tasks if spec.eval else []
-    runs: dict[str, dict[str, Any]] = {}
-    summary: dict[str, Any] = {}
-    for v in spec.variants:
-        per_seed = {str(s): run_metrics(spec.run_dir(v, s)) for s in spec.seeds}
-        runs[v.name] = per_seed
-        rows = list(per_seed.values())
-        summary[v.name] = {
-            key: stats([r[key] for r in rows]) for key in ("final_train_loss", "mean_train_loss", "val_loss", "average")
-        }
-        summary[v.name]["accuracy"] = {t: stats([r["accuracy"].get(t) for r in rows]) for t in tasks}
-    return {
+def summarize_sweep(spec: SweepSpec) -> dict[str, Any]:
+    """The table.json object of a sweep, rebuilt from its run directories (see sweep_report.summarize)."""
+    plan = spec.eval
+    header = {
         "recipe": str(spec.recipe),
         "methods": {v.name: list(v.overrides) for v in spec.variants},
         "seeds": spec.seeds,
         "set": list(spec.overrides),
-        "eval": None if spec.eval is None else {"tasks": tasks, "protocol": spec.eval.protocol,
-                                                  "limit": spec.eval.limit, "data": spec.eval.data},
-        "definitions": {
-            "final_train_loss": f"mean train loss over the last ceil({FINAL_FRACTION:g}·N) of the N logged steps",
-            "mean_train_loss": "mean train loss over all logged steps (area under the curve: early progress)",
-            "val_loss": "validation loss at the last logged validation step",
-            "std": "sample standard deviation over seeds (n-1), 0 for a single seed",
-        },
-        "runs": runs,
-        "summary": summary,
+        "eval": None if plan is None else {"tasks": plan.tasks, "protocol": plan.protocol, "limit": plan.limit,
+                                           "data": plan.data},
     }
+    return summarize(header, {v.name: _run_dirs(spec, v) for v in spec.variants}, plan.tasks if plan else [])
 
-
-def _cell(stat: dict[str, Any] | None, scale: float = 1.0, digits: int = 4) -> str:
-    if stat is None:
-        return "—"
-    return f"{scale * stat['mean']:.{digits}f} ± {scale * stat['std']:.{digits}f}"
-
-
-def table_markdown(table: dict[str, Any]) -> str:
-    """Methods as rows, losses then accuracy (%) per task and Avg as columns (the paper's Table 4 layout)."""
-    tasks = table["eval"]["tasks"] if table["eval"] else []
-    head = ["Method", "Train loss (final)", "Train loss (mean)", "Val loss", *tasks]
-    head += ["Avg"] if tasks else []
-    lines = [f"Mean ± std over seeds {', '.join(map(str, table['seeds']))}; accuracy in %.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
-    for name, s in table["summary"].items():
-        cells = [f"`{name}`", _cell(s["final_train_loss"]), _cell(s["mean_train_loss"]), _cell(s["val_loss"])]
-        cells += [_cell(s["accuracy"][t], 100, 1) for t in tasks]
-        cells += [_cell(s["average"], 100, 1)] if tasks else []
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Per run:", "", "| Method | seed | steps | Train loss (final) | Train loss (mean) | Val loss | "
-              + " | ".join([*tasks, "Avg"] if tasks else []) + " |"]
-    lines.append("|---|---:|" + "---:|" * (4 + (len(tasks) + 1 if tasks else 0)))
-    for name, per_seed in table["runs"].items():
-        for seed, r in per_seed.items():
-            nums = [_num(r["final_train_loss"]), _num(r["mean_train_loss"]), _num(r["val_loss"])]
-            nums += [_num(r["accuracy"].get(t), 100, 1) for t in tasks] + ([_num(r["average"], 100, 1)] if tasks else [])
-            lines.append(f"| `{name}` | {seed} | {r['steps']} | " + " | ".join(nums) + " |")
-    lines += ["", *(f"- {k}: {v}" for k, v in table["definitions"].items())]
-    return "\n".join(lines) + "\n"
-
-
-def _num(value: float | None, scale: float = 1.0, digits: int = 4) -> str:
-    return "—" if value is None else f"{scale * value:.{digits}f}"
-
-
-# --- loss curves -----------------------------------------------------------------------------------------
-
-
-def _smooth(ys: list[float], window: int) -> list[float]:
-    """Trailing moving average for plotting only (one step's loss is one noisy batch)."""
-    out, acc = [], 0.0
-    for i, y in enumerate(ys):
-        acc += y - (ys[i - window] if i >= window else 0.0)
-        out.append(acc / min(i + 1, window))
-    return out
-
-
-def _curves(spec: SweepSpec, variant: Variant) -> tuple[list[int], list[list[float]]]:
-    """Seeds' train losses on the steps every seed logged."""
-    per_seed = [dict(read_metrics(spec.run_dir(variant, s) / "metrics.jsonl")[0]) for s in spec.seeds]
-    steps = sorted(set.intersection(*(set(c) for c in per_seed))) if per_seed else []
-    return steps, [[c[s] for s in steps] for c in per_seed]
-
-
-def plot_loss_curves(spec: SweepSpec, out_dir: Path) -> list[Path]:
-    """loss_curves.png (mean per method, min-max band; full run + first quarter) and loss_curves/<method>.png."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    curves = {v.name: _curves(spec, v) for v in spec.variants if v.trains}
-    longest = max((len(steps) for steps, _ in curves.values()), default=0)
-    if longest == 0:
-        return []
-    window = max(1, longest // 25)
-    written = []
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    full, early = fig.subplots(1, 2)
-    for i, (name, (steps, ys)) in enumerate(curves.items()):
-        smooth = [_smooth(y, window) for y in ys]
-        mean = [statistics.fmean(col) for col in zip(*smooth, strict=True)]
-        lo, hi = [min(col) for col in zip(*smooth, strict=True)], [max(col) for col in zip(*smooth, strict=True)]
-        cut = max(2, len(steps) // 4)
-        for ax, n in ((full, len(steps)), (early, cut)):
-            ax.plot(steps[:n], mean[:n], color=f"C{i}", label=name, lw=1.4)
-            ax.fill_between(steps[:n], lo[:n], hi[:n], color=f"C{i}", alpha=0.18, lw=0)
-    for ax, title in ((full, "whole run"), (early, "first quarter")):
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("train loss")
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-    full.legend(fontsize=8)
-    smoothing = f", moving average of {window} steps" if window > 1 else ""
-    fig.suptitle(f"mean over seeds {', '.join(map(str, spec.seeds))} (band: min–max){smoothing}", fontsize=9)
-    fig.savefig(out_dir / "loss_curves.png", dpi=110)
-    written.append(out_dir / "loss_curves.png")
-
-    (out_dir / "loss_curves").mkdir(exist_ok=True)
-    for i, (v, (steps, ys)) in enumerate(zip([v for v in spec.variants if v.trains], curves.values(), strict=True)):
-        fig = Figure(figsize=(6, 3.8), layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
-        for seed, y in zip(spec.seeds, ys, strict=True):
-            ax.plot(steps, _smooth(y, window), lw=0.9, alpha=0.6, label=f"seed {seed}")
-        if ys:
-            ax.plot(steps, [statistics.fmean(c) for c in zip(*(_smooth(y, window) for y in ys), strict=True)],
-                    color=f"C{i}", lw=2, label="mean")
-        ax.set(xlabel="optimizer step", ylabel="train loss", title=v.name + smoothing.replace(",", " ·"))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        path = out_dir / "loss_curves" / f"{v.dirname}.png"
-        fig.savefig(path, dpi=110)
-        written.append(path)
-    return written
-
-
-def write_outputs(table: dict[str, Any], out_dir: Path) -> None:
-    (out_dir / "table.json").write_text(json.dumps(table, indent=2) + "\n")
-    (out_dir / "table.md").write_text(table_markdown(table))

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("run_dir", ("nora_cli.run_dir",)),
     ("engine", ("nora_cli.loop", "nora_cli.export", "nora_cli.evaluate")),
     ("tasks", ("nora_cli.tasks",)),
-    ("workflows", ("nora_cli.train", "nora_cli.merge", "nora_cli.sample", "nora_cli.sweep")),
+    ("workflows", ("nora_cli.train", "nora_cli.merge", "nora_cli.sample", "nora_cli.sweep", "nora_cli.sweep_report")),
     ("commands", ("nora_cli.commands", "nora_cli.options")),
     ("app", ("nora_cli.cli", "nora_cli.__main__")),
 ]

@@ -222,7 +222,7 @@ def test_fig1a_axis_labels_render_F_as_a_subscript(preset):
     """Every label is mathtext whose rendering has no '_' glyph and draws F smaller than A (a subscript)."""
     from matplotlib.mathtext import MathTextParser
 
-    from nora_cli.commands.factorize import plot_figure
+    from nora_cli.lab.plot import plot_figure
 
     fig = plot_figure(preset("fig1a"))
     labels = [ax.get_ylabel() for ax in fig.axes] + [fig._suptitle.get_text()]

@@ -235,7 +235,7 @@ def test_second_nora_on_a_running_dir_is_refused_then_resume_works(tmp_path: Pat
     # resume may lengthen or shorten the run: max_steps is on the allow-list
     proc = _nora("train", str(recipe), "--resume", "--set", f"train.max_steps={step + 1}")
     assert proc.returncode == 0, proc.stderr
-    assert f"resuming from {out / 'checkpoints' / stopped[0]} (step {step}/{step + 1})" in proc.stdout
+    assert f"resuming from {out / 'checkpoints' / stopped[0]} (step {step}/{step + 1})" in proc.stderr
     # 8. a finished run keeps what its save_steps schedule keeps: with save_steps null, no checkpoints
     assert not (out / "checkpoints").exists()
     assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["max_steps"] == step + 1
@@ -307,7 +307,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path: Path, finished: P
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: checkpoint")]
     assert len(warnings) == 1 and "step-000004 is damaged (optimizer.pt:" in warnings[0]
-    assert f"resuming from {out / 'checkpoints' / 'step-000002'} (step 2/6)" in proc.stdout
+    assert f"resuming from {out / 'checkpoints' / 'step-000002'} (step 2/6)" in proc.stderr
     assert "damaged-step-000004" in _checkpoints(out)  # kept for inspection, never resumed from
 
 

@@ -15,6 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from nora_cli import sweep as lib
+from nora_cli import sweep_report
 from nora_cli.commands.sweep import sweep as sweep_command
 from nora_cli.errors import NoraError
 
@@ -98,7 +99,7 @@ def test_parse_variants_and_knobs() -> None:
     for bad in ("0,0", "-1", "a"):
         with pytest.raises(NoraError):
             lib.parse_seeds(bad)
-    assert lib.final_train_loss([5.0] * 10 + [1.0, 3.0]) == pytest.approx(2.0)  # ceil(1.2) = 2 last steps
+    assert sweep_report.final_train_loss([5.0] * 10 + [1.0, 3.0]) == pytest.approx(2.0)  # ceil(1.2) = 2 last steps
 
 
 def test_variant_recipes_apply_method_then_set_then_knobs(tmp_path: Path, tiny_llama_dir: Path) -> None:

@@ -111,7 +111,7 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path: Path, tiny_llama_dir: Pa
     (out / "checkpoints" / ".tmp-step-000005").mkdir()
     proc = _nora("train", str(crashed), "--resume")
     assert proc.returncode == 0, proc.stderr
-    assert "resuming from" in proc.stdout and "step 4/6" in proc.stdout
+    assert "resuming from" in proc.stderr and "(step 4/6)" in proc.stderr
     a, b = _final_adapter(tmp_path / "a" / "out"), _final_adapter(out)
     assert a.keys() == b.keys()
     for key in a:

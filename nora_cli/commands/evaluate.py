@@ -13,9 +13,7 @@ import typer
 
 from nora_cli.config.names import EVAL_BATCH_SIZE, PROTOCOLS
 from nora_cli.errors import NoraError
-
-#: --protocol choices, from the one list of protocol names
-ProtocolName = Enum("ProtocolName", {name: name for name in PROTOCOLS}, type=str)  # type: ignore[misc]
+from nora_cli.options import AllowPickleOption, LimitOption, ProtocolOption
 
 
 class EvalDtype(str, Enum):
@@ -47,10 +45,8 @@ def evaluate(
                                              "svamp, multiarith, addsub, singleeq, mawps, aqua, demo, sst2.")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Test file (LLM-Adapters JSON) for one task, or "
                                              "TASK=PATH,...; default $NORA_SHARED/data/<kind>/<Task>/test.json.")] = None,
-    protocol: Annotated[ProtocolName | None, typer.Option("--protocol", help="llm-adapters: generate and extract "
-                                                          "the answer (paper numbers); loglikelihood: score the "
-                                                          "candidates. Default llm-adapters.")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Only the first N items per task.")] = None,
+    protocol: ProtocolOption = None,
+    limit: LimitOption = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help=f"Items per batch (default {EVAL_BATCH_SIZE}).")] = None,
     num_beams: Annotated[int, typer.Option("--num-beams", min=1, help="Beams; 4 matches LLM-Adapters.")] = 1,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1,
@@ -61,8 +57,7 @@ def evaluate(
                                                 "written beside it.")] = None,
     recipe: Annotated[str | None, typer.Option("--recipe", help="Recipe file or name: its model, output.dir "
                                                "adapter and eval section are the defaults.")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Also load pickled .bin adapters/bases "
-                                               "(weights_only=True).")] = False,
+    allow_pickle: AllowPickleOption = False,
 ) -> None:
     from rich.console import Console
 

@@ -1,7 +1,7 @@
 """`nora factorize`: replay the paper's matrix-factorization theory (Figs. 1 and 4, Thms 3-4).
 
 Validates flags, calls `nora_cli.lab.factorize` (imported lazily: it pulls in torch), then prints a
-table or exactly one JSON object, and optionally writes a log-scale error-vs-iteration PNG.
+table or exactly one JSON object, and optionally writes a log-scale error-vs-iteration PNG (lab/plot.py).
 Numeric flags are parsed here rather than by Click so a bad value is a one-line NoraError.
 """
 
@@ -11,14 +11,11 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from nora_cli.errors import NoraError
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 # Flags that define the problem or the single run; a preset already fixes all of them.
 _RUN_FLAGS = ("--problem", "--m", "--n", "--rank", "--spectrum", "--algorithm", "--init", "--lr", "--xi",
@@ -107,7 +104,9 @@ def factorize(
         result = lab.run_custom(**kwargs, seed=seed_, dtype=dtype)
 
     if plot is not None:
-        _write_plot(result, plot)
+        from nora_cli.lab.plot import write_plot
+
+        write_plot(result, plot)
     if as_json:
         print(json.dumps(result, allow_nan=False))
         return
@@ -142,44 +141,3 @@ def _print_table(result: dict, iters_to_eps: Callable[[list, float], int | None]
             row.append(_fmt(r.get("weak_errors", [None])[-1]))
         table.add_row(*row)
     Console().print(table)
-
-
-def _write_plot(result: dict, path: Path) -> None:
-    fig = plot_figure(result)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    except OSError as err:
-        raise NoraError(f"--plot {path}: cannot write ({err.strerror or err})") from None
-
-
-def plot_figure(result: dict) -> Figure:
-    """Log-scale curves like Figs. 1/4: dotted lines for perturbed Nyström; a second panel for weak optimality."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    weak = any("weak_errors" in r for r in result["runs"])
-    fig = Figure(figsize=(11 if weak else 6, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2 if weak else 1, squeeze=False)[0]
-    sym = result["problem"] == "symmetric"
-    # mathtext, so that _F is a subscript (plain text showed a literal "_F")
-    panels = [("errors", r"$\|XX^\top - A\|_F$" if sym else r"$\|XY^\top - A\|_F$")]
-    if weak:
-        panels.append(("weak_errors", r"$\|X^\top A^\dagger X - I\|_F$" if sym else r"$\|Y^\top A^\dagger X - I\|_F$"))
-    colors: dict[tuple, str] = {}  # a perturbed run shares its clean twin's color, dotted (as in the paper)
-    for r in result["runs"]:
-        colors.setdefault((r["algorithm"], r["lr"], r["xi"]), f"C{len(colors)}")
-    for ax, (key, ylabel) in zip(axes, panels, strict=True):
-        for r in result["runs"]:
-            if key not in r:
-                continue
-            ys = [math.nan if e is None or e <= 0 else e for e in r[key]]
-            ax.semilogy(range(len(ys)), ys, ":" if r["init"] == "nystrom-perturbed" else "-", label=r["label"],
-                        color=colors[(r["algorithm"], r["lr"], r["xi"])], marker="." if len(ys) < 30 else None)
-        ax.set_xlabel("iteration t")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"{result['problem']}, $r$={result['rank']}, $r_A$={result['rank_A']}", fontsize=10)
-    return fig

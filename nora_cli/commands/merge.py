@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from nora_cli.options import AllowPickleOption
+
 
 def merge(
     adapter: Annotated[Path, typer.Option("--adapter", help="Adapter dir (a `nora train` output or PEFT adapter).")],
@@ -25,9 +27,7 @@ def merge(
     ] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest weight file, e.g. 5GB.")] = "5GB",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out (atomically).")] = False,
-    allow_pickle: Annotated[
-        bool, typer.Option("--allow-pickle", help="Also load pickled .bin adapters/bases (weights_only=True).")
-    ] = False,
+    allow_pickle: AllowPickleOption = False,
 ) -> None:
     from nora_cli.merge import merge_adapter
 

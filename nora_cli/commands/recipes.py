@@ -1,31 +1,13 @@
-"""`nora recipes list|show|schema|validate`: browse shipped recipes and check your own."""
+"""`nora recipes list|show|schema|validate`: browse shipped recipes and check your own (cli.py groups them)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
 
-import typer
-
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
-
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        "-s",
-        metavar="KEY=VALUE",
-        help="Override a recipe key, e.g. --set train.max_steps=10 --set method=nora+ "
-        "--set adapter.target_modules=[q_proj,v_proj] (value parsed as YAML; repeatable).",
-    ),
-]
-RecipeArg = Annotated[
-    str, typer.Argument(help="Recipe YAML path, or a shipped recipe name (see `nora recipes list`).")
-]
+from nora_cli.options import RecipeArg, SetOption
 
 
-@app.command("list")
 def list_() -> None:
     """List shipped recipes: name, method, base model and what each one reproduces."""
     import yaml
@@ -47,7 +29,6 @@ def list_() -> None:
     Console(soft_wrap=True).print(table)
 
 
-@app.command("show")
 def show(name: RecipeArg) -> None:
     """Print a recipe's YAML verbatim (redirect it to a file to start your own)."""
     from nora_cli.config.load import find_recipe
@@ -56,7 +37,6 @@ def show(name: RecipeArg) -> None:
     sys.stdout.write(read_text(find_recipe(name), "recipe"))
 
 
-@app.command("schema")
 def schema() -> None:
     """Print the recipe JSON schema (every key, type, default and meaning)."""
     from nora_cli.config.reference import recipe_json_schema
@@ -64,7 +44,6 @@ def schema() -> None:
     print(json.dumps(recipe_json_schema(), indent=2))
 
 
-@app.command("validate")
 def validate(name: RecipeArg, overrides: SetOption = None) -> None:
     """Check a recipe (plus --set overrides) and print it fully resolved: presets filled, paths absolute.
 

@@ -1,4 +1,6 @@
-"""`nora sample`: images from a DreamBooth adapter / SD pipeline, or text from a causal-LM (adapter)."""
+"""`nora sample`: images from a DreamBooth adapter / SD pipeline, or text from a causal-LM (adapter).
+
+Unset flags keep ImageRequest/TextRequest field defaults, the one home of those defaults (--help shows them)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ from typing import Annotated
 import typer
 
 from nora_cli.errors import NoraError, read_text
+from nora_cli.options import AllowPickleOption
+from nora_cli.tasks.causal_lm.sample import TextRequest
+from nora_cli.tasks.dreambooth.sample import ImageRequest
 
 #: flags that apply to one kind of output only
 _IMAGE_ONLY = ("--num-images", "--steps", "--guidance", "--negative-prompt", "--scheduler", "--lora-scale",
@@ -24,35 +29,32 @@ def sample(
     prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", metavar="TEXT", help="Prompt (repeatable).")] = None,
     prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="File with one prompt per line.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed; image i uses seed+i (same seed, same image).")] = 0,
-    num_images: Annotated[int | None, typer.Option("--num-images", "-n", help="Images per prompt (default: 4).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: 30).")] = None,
+    num_images: Annotated[int | None, typer.Option("--num-images", "-n", help=f"Images per prompt (default: {ImageRequest.num_images}).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help=f"Denoising steps (default: {ImageRequest.steps}).")] = None,
     guidance: Annotated[float | None, typer.Option("--guidance", help="Classifier-free guidance scale "
-                                                   "(default: 7.5).")] = None,
+                                                   f"(default: {ImageRequest.guidance}).")] = None,
     negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="What to steer away from.")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="ddim, dpm, euler or pndm "
                                                   "(default: the pipeline's own).")] = None,
     lora_scale: Annotated[float | None, typer.Option("--lora-scale", help="Multiplier on the LoRA update "
-                                                     "(default: 1.0).")] = None,
+                                                     f"(default: {ImageRequest.lora_scale}).")] = None,
     height: Annotated[int | None, typer.Option("--height", help="Image height in pixels (default: native).")] = None,
     width: Annotated[int | None, typer.Option("--width", help="Image width in pixels (default: native).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder for images (default: samples).")] = None,
     template: Annotated[str | None, typer.Option("--template", help="Text prompt template: alpaca, chat or none "
                                                  "(default: the adapter's, else chat if available).")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="Text sampling temperature; 0 = greedy "
-                                                      "(default: 0).")] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass (default: 1.0).")] = None,
+                                                      f"(default: {TextRequest.temperature:g}).")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help=f"Nucleus sampling mass (default: {TextRequest.top_p}).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Tokens to generate per prompt "
-                                                       "(default: 256).")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Also load pickled .bin base weights "
-                                               "(weights_only=True).")] = False,
+                                                       f"(default: {TextRequest.max_new_tokens}).")] = None,
+    allow_pickle: AllowPickleOption = False,
 ) -> None:
     given = {"--num-images": num_images, "--steps": steps, "--guidance": guidance, "--negative-prompt": negative_prompt,
              "--scheduler": scheduler, "--lora-scale": lora_scale, "--height": height, "--width": width, "--out": out,
              "--template": template, "--temperature": temperature, "--top-p": top_p,
              "--max-new-tokens": max_new_tokens}
     from nora_cli import sample as lib
-    from nora_cli.tasks.causal_lm.sample import TextRequest
-    from nora_cli.tasks.dreambooth.sample import ImageRequest
 
     prompts = _prompts(prompt, prompt_file)
     kind = lib.detect_kind(model, adapter)
@@ -61,11 +63,10 @@ def sample(
     if kind == "images":
         _check_image_options(scheduler, lora_scale, guidance, adapter, num_images, steps, height, width)
         request = ImageRequest(
-            model=base, adapter=adapter, prompts=prompts, out_dir=out or Path("samples"),
-            num_images=num_images or 4, seed=seed, steps=steps or 30,
-            guidance=7.5 if guidance is None else guidance, negative_prompt=negative_prompt,
-            scheduler=scheduler, lora_scale=1.0 if lora_scale is None else lora_scale,
-            height=height, width=width, allow_pickle=allow_pickle,
+            model=base, adapter=adapter, prompts=prompts, out_dir=out or Path("samples"), seed=seed,
+            allow_pickle=allow_pickle, **_given(num_images=num_images, steps=steps, guidance=guidance,
+                                                negative_prompt=negative_prompt, scheduler=scheduler,
+                                                lora_scale=lora_scale, height=height, width=width),
         )
         for record in lib.run(kind, request):
             print(request.out_dir / record.file)
@@ -73,10 +74,14 @@ def sample(
     else:
         _check_text_options(template, temperature, top_p, max_new_tokens)
         lib.run(kind, TextRequest(
-            model=base, adapter=adapter, prompts=prompts, template=template,
-            max_new_tokens=max_new_tokens or 256, temperature=temperature or 0.0,
-            top_p=1.0 if top_p is None else top_p, seed=seed, allow_pickle=allow_pickle,
+            model=base, adapter=adapter, prompts=prompts, template=template, seed=seed, allow_pickle=allow_pickle,
+            **_given(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p),
         ))
+
+
+def _given(**values: object) -> dict[str, object]:
+    """The flags the user gave; the others keep the request's own defaults (their one home)."""
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _prompts(prompt: list[str] | None, prompt_file: Path | None) -> list[str]:

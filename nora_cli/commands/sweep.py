@@ -7,16 +7,12 @@ the markdown table to stdout. Progress and per-run status go to stderr.
 from __future__ import annotations
 
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from nora_cli.config.names import PROTOCOLS
-
-#: --protocol choices, from the one list of protocol names
-ProtocolName = Enum("ProtocolName", {name: name for name in PROTOCOLS}, type=str)  # type: ignore[misc]
+from nora_cli.options import LimitOption, ProtocolOption, SetOption
 
 
 def sweep(
@@ -34,22 +30,16 @@ def sweep(
         typer.Option("--eval", help="Tasks scored after each run: TASK[=TEST_FILE],... Default: the recipe's "
                      "eval.tasks (and eval.data); none means losses only."),
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a recipe key for every run: --set train.max_steps=50 (repeatable)."),
-    ] = None,
+    set_: SetOption = None,
     output_dir: Annotated[
         Path | None, typer.Option("--output-dir", "-o", help="Sweep tree root. Default: <recipe output.dir>-sweep.")
     ] = None,
-    protocol: Annotated[
-        ProtocolName | None, typer.Option("--protocol", help="Evaluation protocol. Default: the recipe's eval.protocol.")
-    ] = None,
-    limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="Only the first N items per task. Default: eval.limit.")
-    ] = None,
+    protocol: ProtocolOption = None,
+    limit: LimitOption = None,
 ) -> None:
     from nora_cli import sweep as lib
     from nora_cli.loop.loop import TrainingStopped
+    from nora_cli.sweep_report import table_markdown
 
     spec = lib.plan_sweep(
         recipe, methods, seeds, overrides=list(set_ or []), output_dir=output_dir,
@@ -60,5 +50,5 @@ def sweep(
     except TrainingStopped as stop:
         print(f"{stop}\nsweep interrupted: re-run the same command to resume", file=sys.stderr)
         raise SystemExit(stop.exit_code) from None
-    print(lib.table_markdown(table), end="")
+    print(table_markdown(table), end="")
     print(f"wrote {spec.output_dir / 'table.md'}, table.json and loss_curves.png")

@@ -12,13 +12,12 @@ from typing import Annotated
 import typer
 
 from nora_cli.errors import NoraError
+from nora_cli.options import AllowPickleOption, RecipeArg, SetOption
 
 
 def train(
-    recipe: Annotated[str, typer.Argument(help="Recipe YAML path or shipped recipe name (see `nora recipes list`).")],
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a recipe key: --set train.max_steps=10 (repeatable).")
-    ] = None,
+    recipe: RecipeArg,
+    set_: SetOption = None,
     output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Overrides output.dir.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in the output dir.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in the output dir.")] = False,
@@ -27,9 +26,7 @@ def train(
         typer.Option("--num-processes", help="Launch N data-parallel processes (GPUs, or CPU gloo); "
                      "'all': one per visible GPU."),
     ] = None,
-    allow_pickle: Annotated[
-        bool, typer.Option("--allow-pickle", help="Also load pickled .bin/.pt base weights (weights_only=True).")
-    ] = False,
+    allow_pickle: AllowPickleOption = False,
 ) -> None:
     from nora_cli.config.load import load_recipe
     from nora_cli.run_dir import output_lock

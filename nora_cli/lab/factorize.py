@@ -16,6 +16,9 @@ e_t = ‖X_tX_tᵀ − A‖_F (or ‖X_tY_tᵀ − A‖_F) after t iterations, e
 errors are ‖XᵀA†X − I_r‖_F (or ‖YᵀA†X − I_r‖_F, Defs. 1-2). An entry is null (None) once the
 iterates stop being finite (e.g. GD diverging) or a preconditioner is singular; lists always hold
 iters + 1 entries. min_error = ‖A − A_r‖_F (Eckart-Young), 0 unless under-parametrized.
+
+Size (~400 lines): problems, inits, steps and the figure presets stay in one file so each preset reads
+next to the math it sets up; figures live in lab/plot.py.
 """
 
 from __future__ import annotations

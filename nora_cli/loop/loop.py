@@ -12,10 +12,12 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,9 @@ from nora_cli.safety import atomic_dir, atomic_write
 
 if TYPE_CHECKING:
     from nora_cli.config.schema import Recipe, TrainConfig
+
+if TYPE_CHECKING:
+    from nora_cli.optim import Preconditioner
 
 
 class TrainingStopped(Exception):
@@ -174,12 +179,12 @@ def run(job: Job, recipe: Recipe, sched: Schedule, accelerator: Any, out_dir: Pa
         latest = ckpt.latest(out_dir)
         if latest is None:
             if main:
-                print(f"no checkpoint in {out_dir / 'checkpoints'}; starting from step 0")
+                print(f"no checkpoint in {out_dir / 'checkpoints'}; starting from step 0", file=sys.stderr)
         else:
             state = ckpt.load(latest, raw_model, optimizer, scheduler, precond, accelerator)
             start_step, best_val = state["step"], state.get("best_val", math.inf)
             if main:
-                print(f"resuming from {latest} (step {start_step}/{sched.total_steps})")
+                print(f"resuming from {latest} (step {start_step}/{sched.total_steps})", file=sys.stderr)
 
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=main, append=resume and start_step > 0)
     step = start_step
@@ -219,19 +224,12 @@ def run(job: Job, recipe: Recipe, sched: Schedule, accelerator: Any, out_dir: Pa
 
             # --- NoRA+ preconditioner, clip, step (a non-finite loss/gradient stops or skips) -------
             loss = _fault_nan(step + 1, loss, trainable)
-            if precond is not None:
-                precond.apply()
-            grad_norm = _clip(trainable, tcfg.max_grad_norm)
-            # fp16 overflow (finite loss, inf gradients) is routine. But GradScaler decided before the
-            # preconditioner ran: a non-finite gradient it made from finite ones (λ = 0) is ours to skip.
-            overflow = overflow and math.isfinite(loss)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)) and not overflow:
-                _non_finite(step + 1, loss, grad_norm, tcfg.nan_policy, out_dir, log)  # raises under "stop"
-                optimizer.zero_grad(set_to_none=True)  # "skip": no gradients, so the step below changes nothing
-            optimizer.step()
+            grad_norm = optimizer_step(
+                optimizer, precond, trainable, tcfg.max_grad_norm, loss=loss, overflow=overflow,
+                on_non_finite=partial(_non_finite, step + 1, policy=tcfg.nan_policy, out_dir=out_dir, log=log),
+            )
             lr = scheduler.get_last_lr()[0]  # the lr this step used; scheduler.step() moves to the next one
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
 
             # --- log ---------------------------------------------------------------------------
@@ -283,7 +281,7 @@ def run(job: Job, recipe: Recipe, sched: Schedule, accelerator: Any, out_dir: Pa
         log.write({"rank_param_checksums": accelerator.gather(checksum).tolist()})
     if main:
         for name, value in ckpt.final_artifacts(out_dir, lambda d: job.save_final(raw_model, d)).items():
-            print(f"wrote {name}: {value}")
+            print(f"wrote {name}: {value}", file=sys.stderr)
         ckpt.prune_finished(out_dir, tcfg.save_steps, tcfg.keep_last)  # signal checkpoints were for resuming
         log.plot(out_dir / "loss.png")
     accelerator.wait_for_everyone()
@@ -310,6 +308,32 @@ def evaluate_loss(job: Job, model: Any, accelerator: Any, micro: int) -> float |
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     return (total[0] / total[1]).item() if total[1] > 0 else None
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, precond: Preconditioner | None, params: Sequence[torch.nn.Parameter],
+    max_grad_norm: float | None, *, loss: float = 0.0, overflow: bool = False,
+    on_non_finite: Callable[[float, float], None] | None = None,
+) -> float:
+    """The loop's update from the (normalized) gradients in `params`: NoRA+ precondition → clip → step →
+    zero_grad. Returns the gradient norm before clipping. Public so benchmarks time this very step.
+
+    A non-finite loss or gradient norm calls `on_non_finite(loss, grad_norm)`, which raises to stop; if it
+    returns, the gradients are dropped so the step changes nothing ("skip"). fp16 overflow (finite loss, inf
+    gradients, `overflow`) is routine and left to GradScaler, which skips that update itself."""
+    if precond is not None:
+        precond.apply()
+    grad_norm = _clip(list(params), max_grad_norm)
+    # GradScaler decided before the preconditioner ran: a non-finite gradient it made from finite ones
+    # (λ = 0) is ours to skip.
+    overflow = overflow and math.isfinite(loss)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)) and not overflow:
+        if on_non_finite is not None:
+            on_non_finite(loss, grad_norm)
+        optimizer.zero_grad(set_to_none=True)  # no gradients, so the step below changes nothing
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def _clip(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
