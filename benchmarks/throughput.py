@@ -120,12 +120,12 @@ def trainer_cmd(model_dir: str, data: Path, precision: str, warmup: int, steps: 
 
 
 def nora_seconds(out_dir: Path, steps: list[dict[str, int]], warmup: int) -> tuple[float, float]:
-    """Σ step time of the timed steps, from metrics.jsonl (tokens_per_s = label tokens / step seconds)."""
+    """Σ step time of the timed steps, from metrics.jsonl (`step_s`)."""
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     if [r["step"] for r in rows] != list(range(1, len(steps) + 1)):
         raise RuntimeError(f"unexpected steps in {out_dir / 'metrics.jsonl'}")
-    seconds = sum(steps[i]["labels"] / rows[i]["tokens_per_s"] for i in range(warmup, len(steps)))
+    seconds = sum(rows[i]["step_s"] for i in range(warmup, len(steps)))
     return seconds, statistics.fmean(r["loss"] for r in rows)  # the mean over steps, as Trainer reports
 
 

@@ -49,7 +49,8 @@ def lock_held_by_launcher(out_dir: Path) -> bool:
 #: what a step computes. A new max_steps/epochs also re-plans the lr schedule's length.
 RESUME_MAY_CHANGE = (
     "train.max_steps", "train.epochs", "train.save_steps", "train.eval_steps", "train.log_steps",
-    "train.keep_last", "train.save_best", "train.nan_policy", "model.allow_pickle", "eval.", "output.",
+    "train.keep_last", "train.save_best", "train.nan_policy", "train.threads", "model.allow_pickle", "eval.",
+    "output.",
 )
 
 
@@ -131,7 +132,8 @@ class RunInfo:
         return cls(kind=RUN_KIND, nora_version=__version__)
 
     @classmethod
-    def for_run(cls, recipe: Recipe, *, num_processes: int, task_meta: dict[str, Any]) -> RunInfo:
+    def for_run(cls, recipe: Recipe, *, num_processes: int, task_meta: dict[str, Any],
+                threads: dict[str, Any] | None = None) -> RunInfo:
         """The full record `nora train` writes once the job is built: recipe, task meta, library versions."""
         adapter, opt = recipe.adapter, recipe.optimizer
         return cls.from_dict({
@@ -145,6 +147,7 @@ class RunInfo:
             "lora": {"r": adapter.r, "alpha": adapter.alpha, "target_modules": adapter.target_modules,
                      "use_rslora": adapter.use_rslora},
             "num_processes": num_processes,
+            **({"threads": threads} if threads is not None else {}),
             **task_meta,
             "versions": library_versions(),
         })

@@ -11,7 +11,8 @@ nora, before torch loads:
 - uses as many threads as CPUs are really available to this process: its affinity mask and its cgroup
   CPU quota (a container limited to 2 CPUs on a 64-core host gets 2 threads, not 64),
 
-unless `train.threads` / `--threads` says otherwise. The choice is recorded in nora.json and metrics.
+unless `train.threads` / `--threads` (or OMP_NUM_THREADS) says otherwise. The choice is recorded in
+nora.json ("threads") and in every metrics.jsonl row.
 Both environment variables are read by libgomp when it loads, so `prepare_environment` runs first thing
 in `nora` (cli.main) and is inherited by launched ranks; `apply` then sets torch's own thread count.
 """
@@ -27,16 +28,16 @@ from typing import Any
 WAIT_POLICY = "PASSIVE"
 
 
-def _cgroup_quota() -> float | None:
+def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """CPUs allowed by the cgroup's CFS quota (v2 cpu.max, v1 cpu.cfs_quota_us), None when unlimited."""
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota, period = (root / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
     try:
-        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
         return None if quota_us <= 0 else quota_us / period_us
     except (OSError, ValueError):
         return None
@@ -48,7 +49,7 @@ def available_cpus() -> int:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    quota = _cgroup_quota()
+    quota = cgroup_quota()
     if quota is not None:
         cpus = min(cpus, max(1, math.ceil(quota)))
     return max(1, cpus)
@@ -61,12 +62,19 @@ def prepare_environment() -> None:
 
 
 def apply(threads: int | None) -> dict[str, Any]:
-    """Set torch's intra-op threads (`threads`, else the available CPUs) and say what the run uses."""
+    """Set torch's intra-op threads and say what the run uses (nora.json "threads"): `threads` when given,
+    else OMP_NUM_THREADS when the user set it, else the available CPUs shared among this machine's ranks."""
     import torch
 
-    count = threads if threads is not None else available_cpus()
+    if threads is not None:
+        count, source = threads, "train.threads"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        count, source = torch.get_num_threads(), "OMP_NUM_THREADS"
+    else:
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+        count, source = max(1, available_cpus() // local_ranks), "available CPUs"
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
-    return {"count": torch.get_num_threads(), "requested": threads, "available_cpus": available_cpus(),
+    return {"count": torch.get_num_threads(), "source": source, "available_cpus": available_cpus(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
             "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "unset")}

@@ -81,7 +81,9 @@ def _train_locked(recipe: Recipe, out_dir: Path, *, resume: bool, overwrite: boo
 
     from nora_cli.config.load import recipe_to_yaml
     from nora_cli.loop import loop
+    from nora_cli.threads import apply as apply_threads
 
+    cpu_threads = apply_threads(recipe.train.threads)
     accelerator = make_accelerator(recipe)
     main = accelerator.is_main_process
     finish = prepare_output_dir(out_dir, resume=resume, overwrite=overwrite) if main else None
@@ -109,7 +111,8 @@ def _train_locked(recipe: Recipe, out_dir: Path, *, resume: bool, overwrite: boo
     if main:
         # recipe.yaml + nora.json go in before training, so even a crashed run is self-describing
         loop.write_recipe(out_dir, recipe_to_yaml(recipe))
-        rundir.RunInfo.for_run(recipe, num_processes=accelerator.num_processes, task_meta=job.meta).write(out_dir)
+        rundir.RunInfo.for_run(recipe, num_processes=accelerator.num_processes, task_meta=job.meta,
+                               threads=cpu_threads).write(out_dir)
     accelerator.wait_for_everyone()  # damaged checkpoints are set aside before any rank looks for the latest
     try:
         summary = loop.run(job, recipe, sched, accelerator, out_dir, resume=resume)

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nora_cli"
 
 #: low → high; a module may import from its own layer or any lower one. First matching prefix wins.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("nora_cli", "nora_cli.errors", "nora_cli.safety", "nora_cli.cpu_kernels")),
+    ("foundation", ("nora_cli", "nora_cli.errors", "nora_cli.safety", "nora_cli.cpu_kernels", "nora_cli.threads")),
     ("config", ("nora_cli.config",)),
     ("core", ("nora_cli.models", "nora_cli.lora", "nora_cli.optim", "nora_cli.data", "nora_cli.lab")),
     ("run_dir", ("nora_cli.run_dir",)),

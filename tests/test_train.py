@@ -89,6 +89,19 @@ def test_tiny_end_to_end_outputs_and_pinned_losses(tmp_path: Path, tiny_llama_di
     assert [r["lr"] for r in train_rows] == pytest.approx([5e-3, 1e-2, 8e-3, 6e-3, 4e-3, 2e-3], rel=1e-12)
 
 
+def test_thread_choice_is_recorded_in_nora_json_and_metrics(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    recipe = _recipe(tmp_path, tiny_llama_dir, **{"train.max_steps": 2, "train.save_steps": None,
+                                                 "train.eval_steps": None, "train.warmup_steps": 0})
+    env = {k: v for k, v in ENV.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
+    proc = _nora("train", str(recipe), "--threads", "1", env=env)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((tmp_path / "out" / "nora.json").read_text())["threads"]
+    assert info["count"] == 1 and info["source"] == "train.threads" and info["omp_wait_policy"] == "PASSIVE"
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["threads"] for r in steps] == [1, 1] and all(r["step_s"] > 0 for r in steps)
+
+
 PINNED_LOSSES = [10.806291, 10.819923, 10.776739, 10.730551, 10.696571, 10.676927]
 
 

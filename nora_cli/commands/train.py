@@ -27,6 +27,8 @@ def train(
                      "'all': one per visible GPU."),
     ] = None,
     allow_pickle: AllowPickleOption = False,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads per process (sets "
+                                                "train.threads; default: the CPUs available to nora).")] = None,
 ) -> None:
     from nora_cli.config.load import load_recipe
     from nora_cli.run_dir import output_lock
@@ -35,6 +37,8 @@ def train(
     overrides = list(set_ or [])
     if allow_pickle:
         overrides.append("model.allow_pickle=true")
+    if threads is not None:
+        overrides.append(f"train.threads={threads}")
     rec = load_recipe(recipe, overrides)
     out = output_dir or Path(rec.output.dir)
     nproc = _process_count(num_processes) if num_processes is not None else rec.train.num_processes

@@ -205,6 +205,10 @@ class TrainConfig(_Section):
         "stop", description="On a non-finite loss: stop with an error, or skip that step."
     )
     num_processes: Int = Field(1, gt=0, description="Data-parallel processes (accelerate launch).")
+    threads: Int | None = Field(
+        None, gt=0, description="CPU threads per process (null: the CPUs this process may use, from its affinity "
+        "and cgroup quota, shared among local ranks). nora also sets OMP_WAIT_POLICY=PASSIVE unless you set it."
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

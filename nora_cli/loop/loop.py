@@ -242,6 +242,8 @@ def run(job: Job, recipe: Recipe, sched: Schedule, accelerator: Any, out_dir: Pa
                 "lr": lr,
                 "grad_norm": grad_norm,
                 f"{job.unit}_per_s": units_total / dt,
+                "step_s": dt,
+                "threads": torch.get_num_threads(),
                 "peak_mem_mb": peak_memory_mb(device),
             }
             if step % tcfg.log_steps == 0 or step == sched.total_steps:

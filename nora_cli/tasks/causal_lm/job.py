@@ -43,8 +43,7 @@ def _to_device(collate_fn: Any, device: torch.device) -> Any:
     def fn(features: list[dict]) -> dict[str, Any]:
         batch = collate_fn(features)
         out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        if "num_tokens" in out:
-            out["num_units"] = int(out["num_tokens"])
+        out["num_units"] = int(out["attention_mask"].sum())  # throughput counts real input tokens
         return out
 
     return fn
