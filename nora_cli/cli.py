@@ -94,7 +94,8 @@ class _NoraGroup(TyperGroup):
             sys.exit(130)
         except typer.Abort:
             sys.exit(130)
-        except NoArgsIsHelpError:  # bare `nora` / `nora recipes`: the help is already on stdout
+        except NoArgsIsHelpError as err:  # bare `nora` / `nora recipes`: their help, on stdout
+            print(err.ctx.get_help())
             sys.exit(0)
         except Exception as err:
             line = one_line(err)
@@ -164,4 +165,8 @@ def main() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     exit_on_sigterm()  # SIGTERM unwinds (staging dirs are removed) and exits 143
     prepare_environment()  # before torch loads: OpenMP threads sleep at barriers instead of spinning
-    app()
+    try:
+        app()
+    except BrokenPipeError:  # `nora ... | head`: the reader is gone; stop quietly, as `cat` does (128 + SIGPIPE)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error while flushing at exit
+        sys.exit(141)

@@ -43,3 +43,10 @@ def test_help_shows_flags_without_a_value(path: tuple[str, ...], command: Any) -
         assert re.search(rf"^  {re.escape(names)}(\s{{2,}}\S|\n)", proc.stdout, re.M), (names, proc.stdout)
         assert not re.search(rf"^  {re.escape(names)} <", proc.stdout, re.M), proc.stdout
     assert re.search(r"^  -h, --help\s{2,}Show this message and exit\.$", proc.stdout, re.M), proc.stdout
+
+
+@pytest.mark.parametrize("path", [(), ("recipes",)])
+def test_a_bare_group_prints_its_help(path: tuple[str, ...]) -> None:
+    proc = subprocess.run([str(NORA), *path], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith("Usage: nora") and ("train" in proc.stdout if not path else "validate" in proc.stdout)
