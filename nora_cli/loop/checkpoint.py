@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from nora_cli.errors import NoraError
-from nora_cli.safety import atomic_write, fsync_tree, publish_modes
+from nora_cli.safety import atomic_write, fsync_tree, publish_modes, swap_in
 
 CKPT_DIR = "checkpoints"
 
@@ -255,16 +255,7 @@ def save(
             torch.save(accelerator.scaler.state_dict(), staging / "scaler.pt")
         state = {"step": step, "best_val": best_val if best_val != float("inf") else None}
         (staging / "state.json").write_text(json.dumps(state))  # written last: marks completeness
-        publish_modes(staging)
-        fsync_tree(staging)
-        if target.exists():  # re-saving a step: move the old copy aside first, never delete it in place
-            aside = root / f".old-{target.name}"
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(target, aside)
-            os.replace(staging, target)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        swap_in(staging, target)  # re-saving a step moves the old copy aside first, never deletes it in place
         if keep_last:
             for old in _step_dirs(out_dir)[:-keep_last]:
                 _drop(old)
