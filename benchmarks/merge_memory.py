@@ -7,7 +7,7 @@ alpha 16, random factors (std 0.02) on q/k/v/o/gate/up/down. Each variant runs i
 subprocess that first imports torch/transformers/peft/nora (the "imports" line), and its peak RSS
 is getrusage(RUSAGE_CHILDREN) in a small launcher process that spawned it (see LAUNCHER).
 The script also records the --verify logit differences per output dtype that set the tolerances
-in nora_cli/export/verify.py.
+in nora_cli/tasks/causal_lm/verify.py.
 """
 
 from __future__ import annotations

@@ -37,7 +37,9 @@ def setup() -> dict[str, Any]:
     from peft import get_peft_model
 
     from nora_cli.config.schema import AdapterConfig
-    from nora_cli.data.text import build_datasets, collate, load_records
+    from nora_cli.data.batch import collate
+    from nora_cli.data.sources import load_records
+    from nora_cli.data.tokenize import build_datasets
     from nora_cli.lora import initialize, lora_config
     from nora_cli.models import load_causal_lm
     from nora_cli.tasks.causal_lm.fast import TrainForward, use_sparse_dropout

@@ -37,7 +37,8 @@ R, ALPHA, DROPOUT, LR, BATCH, CUTOFF = 32, 64, 0.05, 3e-4, 8, 256
 
 def step_tokens(model_dir: str, data: Path, total_steps: int) -> list[dict[str, int]]:
     """Per optimizer step: real tokens, padded tokens, label tokens and Σ L² (nora's own tokenization)."""
-    from nora_cli.data.text import build_datasets, load_records
+    from nora_cli.data.sources import load_records
+    from nora_cli.data.tokenize import build_datasets
     from nora_cli.models import ModelSource, load_tokenizer
 
     tokenizer = load_tokenizer(ModelSource(model_dir, MODEL))
@@ -166,7 +167,8 @@ def grouping_padding(model_dir: str, data: Path) -> dict[str, int]:
     """Tokens fed to the model in one epoch of the shipped smollm2-135m-commonsense recipe (batch 16 in two
     micro-batches of 8, shuffled with seed 0): real tokens, and padded tokens without and with nora's
     length grouping of each step's examples. A count, not a timing: compute scales with padded tokens."""
-    from nora_cli.data.text import build_datasets, load_records
+    from nora_cli.data.sources import load_records
+    from nora_cli.data.tokenize import build_datasets
     from nora_cli.loop.loop import Schedule, step_indices
     from nora_cli.models import ModelSource, load_tokenizer
 
@@ -195,7 +197,9 @@ def ablate(model_dir: str, data: Path, rounds: int) -> dict[str, dict[str, list[
     from peft import get_peft_model
 
     from nora_cli.config.schema import AdapterConfig
-    from nora_cli.data.text import build_datasets, collate, load_records
+    from nora_cli.data.batch import collate
+    from nora_cli.data.sources import load_records
+    from nora_cli.data.tokenize import build_datasets
     from nora_cli.lora import lora_config
     from nora_cli.models import load_causal_lm
     from nora_cli.tasks.causal_lm.fast import FAST_PATHS, TrainForward
@@ -314,7 +318,7 @@ def report(info: dict[str, Any], args: argparse.Namespace, runs: dict[str, Any],
     if ablation:
         lines += ["", "## Each fast path on its own (in-process, one fwd+bwd of 8 examples)", "",
                   "Seconds per fwd+bwd, median (min–max) over alternated rounds; the ratio is each arm over "
-                  "\"all on\" (> 1: turning that path off costs time). Paths: see nora_cli/train/fast.py.", "",
+                  "\"all on\" (> 1: turning that path off costs time). Paths: see nora_cli/tasks/causal_lm/fast.py.", "",
                   "| arm | fp32 s | fp32 ratio | bf16 s | bf16 ratio |", "|---|---|---|---|---|"]
         names = list(next(iter(ablation.values())))
         for name in names:

@@ -549,7 +549,7 @@ def test_unreadable_inputs_are_one_line(tmp_path: Path, monkeypatch: pytest.Monk
     for args, message in cases.items():
         code, err = _run_main(list(args), capsys)
         assert code == 2 and re.search(message, err), (args, err)
-    from nora_cli.data.text import load_records
+    from nora_cli.data.sources import load_records
 
     with pytest.raises(NoraError, match=r"cannot read dataset file .*data\.json: Permission denied"):
         load_records(str(tmp_path / "data.json"))

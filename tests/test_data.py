@@ -397,7 +397,7 @@ def test_arc_easy_with_smollm2(shared, tok):
 
 
 def test_sst2_format_matches_the_fewshot_prompt() -> None:
-    from nora_cli.data.text import normalize_records
+    from nora_cli.data.formats import normalize_records
     from nora_cli.errors import NoraError
 
     examples = normalize_records([{"sentence": "a gripping film ", "label": 1}, {"sentence": "dull", "label": 0}], "sst2")

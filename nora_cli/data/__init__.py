@@ -1,19 +1,14 @@
-"""Text data: loading, record formats, prompt templates, tokenization with exact loss masks, collation."""
+"""Data: sources (files, hub, built-ins) → formats (one Example per record) → templates → tokenize (exact loss
+masks, train/val split) → batch; images.py for DreamBooth, check.py for the cheap pre-load check."""
 
+from nora_cli.data.batch import collate
 from nora_cli.data.demo import demo_records, write_demo
 from nora_cli.data.example import Example
+from nora_cli.data.formats import FORMATS, normalize_records
+from nora_cli.data.sources import load_records
 
-# demo_records, write_demo
 from nora_cli.data.templates import TEMPLATES, alpaca_eval_prompt, alpaca_prompt, render, render_prompt
-from nora_cli.data.text import (
-    FORMATS,
-    IGNORE_INDEX,
-    build_datasets,
-    collate,
-    load_records,
-    normalize_records,
-    tokenize_example,
-)
+from nora_cli.data.tokenize import IGNORE_INDEX, build_datasets, tokenize_example
 
 __all__ = [
     "FORMATS",

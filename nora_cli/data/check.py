@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 def _is_hub_or_folder(source: str) -> bool:
     """What `load_records` hands to `datasets.load_dataset` (a local folder, or a hub id)."""
-    from nora_cli.data.text import READERS
+    from nora_cli.data.sources import READERS
 
     path = Path(source).expanduser()
     if source.startswith("builtin:") or path.is_file():
@@ -30,7 +30,8 @@ def _is_hub_or_folder(source: str) -> bool:
 
 def check_text_data(dcfg: DataConfig) -> str:
     """Load the records of a local file (or built-in set) and normalize them all in `dcfg.format`."""
-    from nora_cli.data.text import load_records, normalize_records
+    from nora_cli.data.formats import normalize_records
+    from nora_cli.data.sources import load_records
 
     if _is_hub_or_folder(dcfg.path):
         return f"data {dcfg.path}: hub dataset or folder, checked when it loads"

@@ -2,7 +2,7 @@
 
 Returning the two parts separately (rather than one string) is what makes loss masking exact:
 the tokenizer sees the prompt alone, so the boundary between "context" and "target" never
-depends on how a BPE merges across it (see `nora_cli.data.text.tokenize_example`).
+depends on how a BPE merges across it (see `nora_cli.data.tokenize.tokenize_example`).
 
 Templates:
   alpaca  LLM-Adapters' finetune.py `generate_prompt` byte for byte (the NoRA authors' training

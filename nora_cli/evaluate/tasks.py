@@ -162,7 +162,7 @@ _REQUIRED = {"commonsense": ("instruction", "answer"), "math": ("instruction", "
 
 def load_records(task: Task, source: str) -> list[dict[str, Any]]:
     """A task's items from a .json/.jsonl/.parquet file or a `builtin:` spec, with the fields checked."""
-    from nora_cli.data.text import load_records as read_records
+    from nora_cli.data.sources import load_records as read_records
 
     path = Path(source).expanduser()
     if not source.startswith("builtin:") and not path.is_file():

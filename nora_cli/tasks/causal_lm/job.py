@@ -50,7 +50,10 @@ def _to_device(collate_fn: Any, device: torch.device) -> Any:
 
 
 def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
-    from nora_cli.data.text import build_datasets, collate, load_records, normalize_records
+    from nora_cli.data.batch import collate
+    from nora_cli.data.formats import normalize_records
+    from nora_cli.data.sources import load_records
+    from nora_cli.data.tokenize import build_datasets
     from nora_cli.models import load_causal_lm, resolve_source
 
     mcfg, dcfg = recipe.model, recipe.data
