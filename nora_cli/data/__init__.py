@@ -6,7 +6,6 @@ from nora_cli.data.demo import demo_records, write_demo
 from nora_cli.data.example import Example
 from nora_cli.data.formats import FORMATS, normalize_records
 from nora_cli.data.sources import load_records
-
 from nora_cli.data.templates import TEMPLATES, alpaca_eval_prompt, alpaca_prompt, render, render_prompt
 from nora_cli.data.tokenize import IGNORE_INDEX, build_datasets, tokenize_example
 
