@@ -143,6 +143,7 @@ def report(info: dict[str, Any], args: argparse.Namespace, cells: dict[str, Any]
                 row += f" {common.spread(speeds, '.0f')} ({statistics.median(speeds) / idle:.2f}×) |"
             lines.append(row)
         lines.append("")
+    lines += goals(args, cells)
     if anchor:
         lines += ["## vs the PEFT + Trainer baseline under the same load (throughput.py settings: ARC-Easy, cutoff "
                   "256, r 32)", "", "| precision | busy | nora tok/s (new default) | Trainer tok/s | nora / Trainer |",
@@ -154,6 +155,23 @@ def report(info: dict[str, Any], args: argparse.Namespace, cells: dict[str, Any]
                 lines.append(f"| {precision} | {n} | {a:.0f} | {b:.0f} | {a / b:.2f}× |")
         lines.append("")
     return "\n".join(lines)
+
+
+def goals(args: argparse.Namespace, cells: dict[str, Any]) -> list[str]:
+    """The issue's two goals for the new default (passive) against the old one, per precision."""
+    out = ["## Goals (new default = `passive`)", ""]
+    for precision, arms in cells.items():
+        if not {"old", "passive"} <= set(arms) or not {0, 1} <= set(args.loads):
+            continue
+        med = {arm: {n: statistics.median(r["tokens_per_s"] for r in arms[arm][n]) for n in (0, 1)}
+               for arm in ("old", "passive")}
+        loaded = med["passive"][1] / med["passive"][0]
+        idle = med["passive"][0] / med["old"][0]
+        out.append(f"- {precision}: with 1 busy process, the new default keeps **{loaded:.2f}×** of its idle speed "
+                   f"(goal ≥ 0.4×: {'met' if loaded >= 0.4 else 'NOT met'}; the old default kept "
+                   f"{med['old'][1] / med['old'][0]:.2f}×). Idle, new vs old default: **{idle:.2f}×** (goal ≥ 0.97×: "
+                   f"{'met' if idle >= 0.97 else 'NOT met'}).")
+    return [*out, ""]
 
 
 def main() -> None:
