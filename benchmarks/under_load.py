@@ -6,11 +6,13 @@ timed steps over their summed step time, from metrics.jsonl (`tokens_per_s`, `st
 processes are pure-Python busy loops that this script starts before the run, bounds with a deadline, and
 stops after it. The arms:
 
-  old        torch's defaults as nora ran them before: one thread per core, OMP_WAIT_POLICY unset (libgomp
-             spins 300,000 iterations at each barrier; reproduced with GOMP_SPINCOUNT=300000)
-  passive    threads = available CPUs, OMP_WAIT_POLICY=PASSIVE (threads sleep at barriers): the new default
-  spin       threads = available CPUs, GOMP_SPINCOUNT=10000 (a short spin, then sleep)
-  1thread    one thread, OMP_WAIT_POLICY=PASSIVE
+  old        torch's defaults, as nora ran before: one thread per core (`--threads <CPUs>` pins it, so no
+             governor), OMP_WAIT_POLICY unset (libgomp spins 300,000 iterations at each barrier)
+  new        nora's default now: threads = available CPUs, and the ThreadGovernor (nora_cli/threads.py) uses
+             only the CPUs that other runnable work leaves free, checked between optimizer steps
+  passive    one thread per core, pinned, with OMP_WAIT_POLICY=PASSIVE (threads sleep at barriers)
+  spin       one thread per core, pinned, with GOMP_SPINCOUNT=10000 (a short spin, then sleep)
+  1thread    one thread, pinned
 
 torch's CPU wheel uses GNU OpenMP (libgomp; `torch.__config__.parallel_info()`), and oneDNN and MKL run on
 the same runtime here, so libgomp's variables govern all three (KMP_BLOCKTIME is Intel OpenMP's and does
@@ -39,13 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import throughput  # noqa: E402
 
-#: arm -> environment. nora leaves the wait policy alone when OMP_WAIT_POLICY or GOMP_SPINCOUNT is set, and
-#: libgomp's unset default is a 300,000-iteration spin, so GOMP_SPINCOUNT=300000 reproduces the old behaviour.
-ARMS: dict[str, dict[str, str]] = {
-    "old": {"GOMP_SPINCOUNT": "300000"},
-    "passive": {},
-    "spin": {"GOMP_SPINCOUNT": "10000"},
-    "1thread": {},
+#: arm -> (environment, --threads: None = nora's default, "cpus" = one per available CPU)
+ARMS: dict[str, tuple[dict[str, str], int | str | None]] = {
+    "old": ({}, "cpus"),
+    "new": ({}, None),
+    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, "cpus"),
+    "spin": ({"GOMP_SPINCOUNT": "10000"}, "cpus"),
+    "1thread": ({}, 1),
 }
 BUSY = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
 
@@ -70,8 +72,15 @@ def arm_env(arm: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS",
                                                            "MKL_NUM_THREADS")}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.update(ARMS[arm])
+    env.update(ARMS[arm][0])
     return env
+
+
+def arm_threads(arm: str) -> int | None:
+    from nora_cli.threads import available_cpus
+
+    threads = ARMS[arm][1]
+    return available_cpus() if threads == "cpus" else threads  # type: ignore[return-value]
 
 
 def nora_demo_cmd(precision: str, steps: int, out_dir: Path, threads: int | None) -> list[str]:
@@ -91,12 +100,12 @@ def speed(out_dir: Path, warmup: int) -> dict[str, Any]:
     seconds = sum(r["step_s"] for r in rows)
     nora_json = json.loads((out_dir / "nora.json").read_text())
     return {"tokens_per_s": tokens / seconds, "step_s": [r["step_s"] for r in rows],
-            "threads": nora_json.get("threads")}
+            "threads": nora_json.get("threads"), "step_threads": [r.get("threads") for r in rows]}
 
 
 def run_nora(arm: str, precision: str, load: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     out_dir = work / f"{arm}-{precision}-{load}"
-    threads = 1 if arm == "1thread" else None
+    threads = arm_threads(arm)
     with Competitors(load, args.deadline):
         proc = common.run_measured(nora_demo_cmd(precision, args.warmup_steps + args.steps, out_dir, threads),
                                    arm_env(arm), work / "nora.log")
@@ -120,7 +129,7 @@ def run_nora_anchor(precision: str, load: int, args: argparse.Namespace, work: P
     out_dir = work / f"anchor-{precision}-{load}"
     cmd = throughput.nora_cmd(data, precision, args.warmup_steps + args.steps, out_dir)
     with Competitors(load, args.deadline):
-        proc = common.run_measured(cmd, arm_env("passive"), work / "nora.log")
+        proc = common.run_measured(cmd, arm_env("new"), work / "nora.log")
     return {**proc, **speed(out_dir, args.warmup_steps)}
 
 
@@ -132,15 +141,17 @@ def report(info: dict[str, Any], args: argparse.Namespace, cells: dict[str, Any]
              "tokens/s = real input tokens / step time. `× idle` = this load's median over the same arm's idle "
              "median (fair sharing of 2 cores with one busy process would give 0.5×).", ""]
     for precision, arms in cells.items():
-        lines += [f"## {precision}", "", "| arm | threads | " + " | ".join(
-            f"{n} busy: tok/s (× idle)" for n in args.loads) + " |", "|---|---|" + "---|" * len(args.loads)]
+        lines += [f"## {precision}", "", "| arm | " + " | ".join(
+            f"{n} busy: tok/s (× idle) [threads in timed steps]" for n in args.loads) + " |",
+                  "|---|" + "---|" * len(args.loads)]
         for arm, loads in arms.items():
             idle = statistics.median(r["tokens_per_s"] for r in loads[args.loads[0]])
-            threads = loads[args.loads[0]][0].get("threads") or {}
-            row = f"| {arm} | {threads.get('count', '?')} |"
+            row = f"| {arm} |"
             for n in args.loads:
                 speeds = [r["tokens_per_s"] for r in loads[n]]
-                row += f" {common.spread(speeds, '.0f')} ({statistics.median(speeds) / idle:.2f}×) |"
+                used = sorted({k for r in loads[n] for k in r.get("step_threads", []) if k is not None})
+                row += (f" {common.spread(speeds, '.0f')} ({statistics.median(speeds) / idle:.2f}×) "
+                        f"[{'/'.join(map(str, used))} thr] |")
             lines.append(row)
         lines.append("")
     lines += goals(args, cells)
@@ -159,14 +170,14 @@ def report(info: dict[str, Any], args: argparse.Namespace, cells: dict[str, Any]
 
 def goals(args: argparse.Namespace, cells: dict[str, Any]) -> list[str]:
     """The issue's two goals for the new default (passive) against the old one, per precision."""
-    out = ["## Goals (new default = `passive`)", ""]
+    out = ["## Goals (new default = `new`)", ""]
     for precision, arms in cells.items():
-        if not {"old", "passive"} <= set(arms) or not {0, 1} <= set(args.loads):
+        if not {"old", "new"} <= set(arms) or not {0, 1} <= set(args.loads):
             continue
         med = {arm: {n: statistics.median(r["tokens_per_s"] for r in arms[arm][n]) for n in (0, 1)}
-               for arm in ("old", "passive")}
-        loaded = med["passive"][1] / med["passive"][0]
-        idle = med["passive"][0] / med["old"][0]
+               for arm in ("old", "new")}
+        loaded = med["new"][1] / med["new"][0]
+        idle = med["new"][0] / med["old"][0]
         out.append(f"- {precision}: with 1 busy process, the new default keeps **{loaded:.2f}×** of its idle speed "
                    f"(goal ≥ 0.4×: {'met' if loaded >= 0.4 else 'NOT met'}; the old default kept "
                    f"{med['old'][1] / med['old'][0]:.2f}×). Idle, new vs old default: **{idle:.2f}×** (goal ≥ 0.97×: "
@@ -181,8 +192,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="runs per cell")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--loads", default="0,1,2")
-    parser.add_argument("--arms", default="old,passive,spin,1thread")
-    parser.add_argument("--bf16-arms", default="old,passive", help="arms for bf16 (slower on CPUs without bf16)")
+    parser.add_argument("--arms", default="old,new,passive,1thread")
+    parser.add_argument("--bf16-arms", default="old,new", help="arms for bf16 (slower on CPUs without bf16)")
     parser.add_argument("--anchor-loads", default="0,1", help="loads for the Trainer comparison ('' to skip)")
     parser.add_argument("--deadline", type=float, default=900, help="seconds a busy process lives at most")
     parser.add_argument("--quick", action="store_true")
@@ -190,7 +201,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.warmup_steps, args.precisions, args.loads = 2, 1, "fp32", "0,1"
-        args.arms, args.anchor_loads = "old,passive", ""
+        args.arms, args.anchor_loads = "old,new", ""
     args.loads = [int(x) for x in args.loads.split(",")]
     info = common.machine()
     from nora_cli.models import resolve_source

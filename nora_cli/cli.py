@@ -23,7 +23,6 @@ from nora_cli import __version__
 from nora_cli.commands import evaluate, factorize, merge, recipes, sample, sweep, train
 from nora_cli.errors import NoraError
 from nora_cli.safety import exit_on_sigterm
-from nora_cli.threads import prepare_environment
 
 
 def _usage(err: typer.TyperException) -> str:
@@ -164,7 +163,6 @@ def main() -> None:
     # want that kernel (it would fetch from the hub), so keep the warning out of every command's output.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     exit_on_sigterm()  # SIGTERM unwinds (staging dirs are removed) and exits 143
-    prepare_environment()  # before torch loads: OpenMP threads sleep at barriers instead of spinning
     try:
         app()
     except BrokenPipeError:  # `nora ... | head`: the reader is gone; stop quietly, as `cat` does (128 + SIGPIPE)

@@ -81,53 +81,55 @@ def _train_locked(recipe: Recipe, out_dir: Path, *, resume: bool, overwrite: boo
 
     from nora_cli.config.load import recipe_to_yaml
     from nora_cli.loop import loop
-    from nora_cli.threads import apply as apply_threads
+    from nora_cli.threads import cpu_threads as thread_policy
 
-    cpu_threads = apply_threads(recipe.train.threads)
-    accelerator = make_accelerator(recipe)
-    main = accelerator.is_main_process
-    finish = prepare_output_dir(out_dir, resume=resume, overwrite=overwrite) if main else None
-    accelerator.wait_for_everyone()
-    try:
-        set_seed(recipe.seed)
-        job = TASKS[recipe.task].build_job(recipe, accelerator.device, out_dir)
-        sched = loop.plan_schedule(len(job.train_data), recipe.train, accelerator.num_processes)
-        if main:
-            need = checkpoint_bytes_needed(job.model, recipe, sched.total_steps,
-                                           modifies_base=bool(job.meta.get("modifies_base")))
-            check_disk_space(out_dir, need)
-    except BaseException:
+    # CPU threads for this run (and, on CPU, a governor that gives cores back to other busy work)
+    with thread_policy(recipe.train.threads) as (cpu_threads, governor):
+        accelerator = make_accelerator(recipe)
+        main = accelerator.is_main_process
+        finish = prepare_output_dir(out_dir, resume=resume, overwrite=overwrite) if main else None
+        accelerator.wait_for_everyone()
+        try:
+            set_seed(recipe.seed)
+            job = TASKS[recipe.task].build_job(recipe, accelerator.device, out_dir)
+            sched = loop.plan_schedule(len(job.train_data), recipe.train, accelerator.num_processes)
+            if main:
+                need = checkpoint_bytes_needed(job.model, recipe, sched.total_steps,
+                                               modifies_base=bool(job.meta.get("modifies_base")))
+                check_disk_space(out_dir, need)
+        except BaseException:
+            if finish is not None:
+                finish(False)
+            raise
         if finish is not None:
-            finish(False)
-        raise
-    if finish is not None:
-        finish(True)
-        if resume:  # set damaged checkpoints aside, drop what a killed run half-wrote and its metrics past the last
-            from nora_cli.loop import checkpoint as ckpt
+            finish(True)
+            if resume:  # set damaged checkpoints aside, drop what a killed run half-wrote and its metrics past the last
+                from nora_cli.loop import checkpoint as ckpt
 
-            ckpt.set_aside_damaged(out_dir)
-            ckpt.clean_stale(out_dir)
-            ckpt.rewind_metrics(out_dir)
-    if main:
-        # recipe.yaml + nora.json go in before training, so even a crashed run is self-describing
-        loop.write_recipe(out_dir, recipe_to_yaml(recipe))
-        rundir.RunInfo.for_run(recipe, num_processes=accelerator.num_processes, task_meta=job.meta,
-                               threads=cpu_threads).write(out_dir)
-    accelerator.wait_for_everyone()  # damaged checkpoints are set aside before any rank looks for the latest
-    try:
-        summary = loop.run(job, recipe, sched, accelerator, out_dir, resume=resume)
-    except BaseException:
+                ckpt.set_aside_damaged(out_dir)
+                ckpt.clean_stale(out_dir)
+                ckpt.rewind_metrics(out_dir)
         if main:
+            # recipe.yaml + nora.json go in before training, so even a crashed run is self-describing
+            loop.write_recipe(out_dir, recipe_to_yaml(recipe))
+            rundir.RunInfo.for_run(recipe, num_processes=accelerator.num_processes, task_meta=job.meta,
+                                   threads=cpu_threads).write(out_dir)
+        accelerator.wait_for_everyone()  # damaged checkpoints are set aside before any rank looks for the latest
+        try:
+            summary = loop.run(job, recipe, sched, accelerator, out_dir, resume=resume,
+                               between_steps=governor.poll if governor else None)
+        except BaseException:
+            if main:
+                for old in out_dir.glob(f"{OVERWRITTEN}*"):
+                    print(f"note: the run --overwrite replaced is kept in {old} until this run completes",
+                          file=sys.stderr)
+            raise
+        if main:  # completed: the run it replaced (and any left by an interrupted --overwrite) can go
             for old in out_dir.glob(f"{OVERWRITTEN}*"):
-                print(f"note: the run --overwrite replaced is kept in {old} until this run completes",
-                      file=sys.stderr)
-        raise
-    if main:  # completed: the run it replaced (and any left by an interrupted --overwrite) can go
-        for old in out_dir.glob(f"{OVERWRITTEN}*"):
-            shutil.rmtree(old, ignore_errors=True)
-    summary["output_dir"] = str(out_dir)
-    summary["num_processes"] = accelerator.num_processes
-    return summary
+                shutil.rmtree(old, ignore_errors=True)
+        summary["output_dir"] = str(out_dir)
+        summary["num_processes"] = accelerator.num_processes
+        return summary
 
 
 def make_accelerator(recipe: Recipe) -> Any:

@@ -96,7 +96,7 @@ def test_thread_choice_is_recorded_in_nora_json_and_metrics(tmp_path: Path, tiny
     proc = _nora("train", str(recipe), "--threads", "1", env=env)
     assert proc.returncode == 0, proc.stderr
     info = json.loads((tmp_path / "out" / "nora.json").read_text())["threads"]
-    assert info["count"] == 1 and info["source"] == "train.threads" and info["omp_wait_policy"] == "PASSIVE"
+    assert info["count"] == 1 and info["source"] == "train.threads" and info["adaptive"] is False
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["threads"] for r in steps] == [1, 1] and all(r["step_s"] > 0 for r in steps)

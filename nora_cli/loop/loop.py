@@ -151,9 +151,10 @@ class _SignalFlag:
 
 
 def run(job: Job, recipe: Recipe, sched: Schedule, accelerator: Any, out_dir: Path, *,
-        resume: bool) -> dict[str, Any]:
+        resume: bool, between_steps: Callable[[], None] | None = None) -> dict[str, Any]:
     """Train `job` per `recipe.train`/`recipe.optimizer` and `sched` (from `plan_schedule` for this job and
-    world size); write checkpoints and final artifacts to out_dir."""
+    world size); write checkpoints and final artifacts to out_dir. `between_steps` runs after each optimizer
+    step in this thread (nora's CPU thread governor)."""
     from nora_cli.optim import build_optimizer
 
     tcfg, ocfg = recipe.train, recipe.optimizer
@@ -231,6 +232,8 @@ def run(job: Job, recipe: Recipe, sched: Schedule, accelerator: Any, out_dir: Pa
             lr = scheduler.get_last_lr()[0]  # the lr this step used; scheduler.step() moves to the next one
             scheduler.step()
             step += 1
+            if between_steps is not None:
+                between_steps()
 
             # --- log ---------------------------------------------------------------------------
             units_total = int(accelerator.reduce(torch.tensor(units, device=device), reduction="sum").item())
