@@ -28,7 +28,7 @@ def train(
     ] = None,
     allow_pickle: AllowPickleOption = False,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads per process (sets "
-                                                "train.threads; default: the CPUs available to nora).")] = None,
+                                                "train.threads; default: the CPUs other work leaves free).")] = None,
 ) -> None:
     from nora_cli.config.load import load_recipe
     from nora_cli.run_dir import output_lock

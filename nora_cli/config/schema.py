@@ -207,7 +207,8 @@ class TrainConfig(_Section):
     num_processes: Int = Field(1, gt=0, description="Data-parallel processes (accelerate launch).")
     threads: Int | None = Field(
         None, gt=0, description="CPU threads per process (null: the CPUs this process may use, from its affinity "
-        "and cgroup quota, shared among local ranks). nora also sets OMP_WAIT_POLICY=PASSIVE unless you set it."
+        "and cgroup quota, shared among local ranks; on CPU, fewer while other work keeps cores busy). Pin it "
+        "for runs that must be bitwise reproducible across machine loads."
     )
 
     @field_validator("mixed_precision", mode="before")
