@@ -211,7 +211,7 @@ def test_template_names_and_jinja_files_in_recipes(tmp_path: Path) -> None:
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump({"data": {"format": "chat", "template": "templates/mine.jinja"}}))
     template = load_recipe(str(recipe_file)).data.template
-    assert template == str(tmp_path / "templates" / "mine.jinja")  # relative to the recipe file
+    assert template == str((tmp_path / "templates" / "mine.jinja").resolve())  # relative to the recipe file
     assert render_segments(template, _conversation()) == render_segments("chatml", _conversation())
     recipe_file.write_text(yaml.safe_dump({"data": {"template": "vicuna"}}))
     with pytest.raises(NoraError, match="chatml, llama3, gemma, mistral or a path to a .jinja"):
@@ -222,12 +222,12 @@ def test_template_names_and_jinja_files_in_recipes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", list(CHAT_TEMPLATES))
-def test_saved_tokenizer_reproduces_the_training_template(bare_tok: Any, name: str, tmp_path: Path) -> None:
-    import copy
-
+def test_saved_tokenizer_reproduces_the_training_template(bare_tok: Any, name: str, tmp_path: Path,
+                                                          smollm2_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    tokenizer = copy.deepcopy(bare_tok)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.chat_template = None
     example = _conversation()
     tokenizer.chat_template = trained_chat_template(name, tokenizer, example)
     tokenizer.save_pretrained(tmp_path)
@@ -250,7 +250,7 @@ def test_train_saves_the_template_and_sample_uses_it(tmp_path: Path, tiny_llama_
     config.pop("chat_template", None)
     (base / "tokenizer_config.json").write_text(json.dumps(config))
     assert AutoTokenizer.from_pretrained(base).chat_template is None
-    jinja = ("{% for m in messages %}{{ '### ' + m['role'] + ':\\n' + m['content'] + eos_token + '\\n' }}"
+    jinja = ("{% for m in messages %}{{ '### ' + m['role'] + ':\\n' + m['content'] + ' [end]\\n' }}"
              "{% endfor %}{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}")
     (tmp_path / "turns.jinja").write_text(jinja)
     (tmp_path / "chat.json").write_text(json.dumps([{"messages": MESSAGES}] * 4))
@@ -268,9 +268,18 @@ def test_train_saves_the_template_and_sample_uses_it(tmp_path: Path, tiny_llama_
     saved = AutoTokenizer.from_pretrained(out)
     assert saved.chat_template == jinja
     assert saved.apply_chat_template(MESSAGES, tokenize=False) == \
-        "".join(f"### {m['role']}:\n{m['content']}{saved.eos_token}\n" for m in MESSAGES)
+        "".join(f"### {m['role']}:\n{m['content']} [end]\n" for m in MESSAGES)
     assert yaml.safe_load((out / "recipe.yaml").read_text())["data"]["train_on_inputs"] is None
     (tmp_path / "turns.jinja").unlink()
     sample = subprocess.run([sys.executable, "-m", "nora_cli", "sample", "--adapter", str(out), "--prompt", "Hi?",
                              "--max-new-tokens", "2"], capture_output=True, text=True, env=env, timeout=600)
-    assert sample.returncode == 0, sample.stderr
+    assert sample.returncode == 0, sample.stderr  # rendered with the saved template; stop_strings=["[end]"]
+
+
+def test_sampling_stops_at_the_templates_end_of_turn(tok: Any, bare_tok: Any) -> None:
+    from nora_cli.data.templates import end_of_turn
+
+    assert end_of_turn("chat", tok) == tok.eos_token == "<|im_end|>"  # SmolLM2: the same token, nothing to add
+    for name, text in END_OF_TURN.items():
+        assert end_of_turn(name, bare_tok) == text(bare_tok).strip()
+    assert end_of_turn("none", None) == ""

@@ -289,6 +289,17 @@ def render_prompt(
     return prompt + response if with_output else prompt
 
 
+def end_of_turn(template: str, tokenizer: PreTrainedTokenizerBase | None) -> str:
+    """What a chat template writes after an assistant reply, stripped (`<|im_end|>`, `<|eot_id|>`, EOS): where
+    generation should stop, as training taught the model to; '' when it writes nothing."""
+    from nora_cli.data.example import Example
+
+    reply = "nora"
+    probe = Example(messages=({"role": "user", "content": "?"}, {"role": "assistant", "content": reply}))
+    turn = next((text for text, learned in reversed(render_segments(template, probe, tokenizer)) if learned), "")
+    return turn[turn.find(reply) + len(reply):].strip() if reply in turn else ""
+
+
 def _as_messages(example: Example) -> list[dict[str, str]]:
     user = f"{example.instruction}\n\n{example.input}" if example.input else example.instruction
     return [{"role": "user", "content": user}, {"role": "assistant", "content": example.output}]

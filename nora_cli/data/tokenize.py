@@ -74,14 +74,15 @@ def _tokenize_many(
     rendered = [render_segments(template, example, tokenizer) for example in examples]
     # Chat templates write their own BOS/turn tokens into the text; other templates get the tokenizer's BOS
     # on their first segment. Every segment is tokenized on its own: the mask boundary is a token boundary.
-    bos = [not uses_chat_template(template, example) for example in examples]
-    firsts = _encode(tokenizer, [segs[0][0] for segs, b in zip(rendered, bos, strict=True) if b], special=True)
-    rest = _encode(tokenizer, [text for segs, b in zip(rendered, bos, strict=True)
-                               for text, _ in (segs[1:] if b else segs)], special=False)
+    special_first = [not uses_chat_template(template, example) for example in examples]
+    pairs = list(zip(rendered, special_first, strict=True))
+    firsts = _encode(tokenizer, [segs[0][0] for segs, first in pairs if first], special=True)
+    rest = _encode(tokenizer, [text for segs, first in pairs for text, _ in (segs[1:] if first else segs)],
+                   special=False)
     firsts_it, rest_it = iter(firsts), iter(rest)
     features = []
-    for example, segs, b in zip(examples, rendered, bos, strict=True):
-        ids = [next(firsts_it)] if b else []
+    for example, (segs, first) in zip(examples, pairs, strict=True):
+        ids = [next(firsts_it)] if first else []
         ids += [next(rest_it) for _ in range(len(segs) - len(ids))]
         features.append(_assemble_segments(
             [(i, learned) for i, (_, learned) in zip(ids, segs, strict=True)], tokenizer.eos_token_id,

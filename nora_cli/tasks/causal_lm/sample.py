@@ -30,7 +30,7 @@ def sample_text(req: TextRequest) -> list[str]:
     from transformers import TextStreamer
 
     from nora_cli.data.example import Example
-    from nora_cli.data.templates import render_prompt, uses_chat_template
+    from nora_cli.data.templates import end_of_turn, render_prompt, uses_chat_template
     from nora_cli.models import ModelSource, inference_device, load_causal_lm, load_tokenizer
 
     device = inference_device()
@@ -46,6 +46,9 @@ def sample_text(req: TextRequest) -> list[str]:
     model.to(device).eval()
     recorded = checked.nora.meta.get("prompt_template") if checked is not None else None
     template = req.template or _recorded(recorded, tokenizer) or ("chat" if tokenizer.chat_template else "none")
+    # stop where training taught the model to end its turn, also when that is not the tokenizer's EOS
+    stop = end_of_turn(template, tokenizer) if uses_chat_template(template, Example(instruction="?")) else ""
+    stops = {"stop_strings": [stop], "tokenizer": tokenizer} if stop and stop != tokenizer.eos_token else {}
     answers = []
     for i, prompt in enumerate(req.prompts):
         if len(req.prompts) > 1:
@@ -60,9 +63,10 @@ def sample_text(req: TextRequest) -> list[str]:
         with torch.inference_mode():
             out = model.generate(
                 **inputs, max_new_tokens=req.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True), **sampling,
+                streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True), **sampling, **stops,
             )
-        answers.append(tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))
+        answer = tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+        answers.append(answer.removesuffix(stop) if stops else answer)
     return answers
 
 
