@@ -21,6 +21,8 @@ the template itself (as transformers renders `tokenizer.chat_template`), so no t
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nora_cli.config.names import is_template
@@ -180,17 +182,21 @@ def chat_template_source(template: str, tokenizer: PreTrainedTokenizerBase | Non
     if template in CHAT_TEMPLATES:
         return CHAT_TEMPLATES[template]
     if template.endswith(".jinja"):
-        from pathlib import Path
-
-        from nora_cli.errors import read_text
-
-        return read_text(Path(template).expanduser(), "chat template")
+        return _template_file(template)
     if template != "chat":
         raise NoraError(f"template {template!r} is not a chat template")
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise NoraError(f"template 'chat' needs a tokenizer with a chat template; this one has none: use a named "
                         f"template ({', '.join(CHAT_TEMPLATES)}), a .jinja file, or 'none'")
     return tokenizer.get_chat_template()
+
+
+@functools.lru_cache(maxsize=8)
+def _template_file(path: str) -> str:
+    """A .jinja file's text, read once per process (every example renders with it)."""
+    from nora_cli.errors import read_text
+
+    return read_text(Path(path).expanduser(), "chat template")
 
 
 def trained_chat_template(template: str, tokenizer: PreTrainedTokenizerBase, example: Example) -> str | None:
