@@ -110,8 +110,12 @@ def test_named_templates_learn_every_assistant_turn_on_a_bare_tokenizer(bare_tok
         tokenize_example(example, bare_tok, template="chat", cutoff_len=1024, train_on_inputs=None, add_eos=True)
     feat = tokenize_example(example, bare_tok, template=name, cutoff_len=1024, train_on_inputs=None, add_eos=True)
     text = bare_tok.apply_chat_template(MESSAGES, chat_template=CHAT_TEMPLATES[name], tokenize=False)
-    assert bare_tok.decode(feat["input_ids"]) == text
-    expected = _reference_labels(bare_tok, feat["input_ids"], END_OF_TURN[name](bare_tok))
+    end_of_turn = END_OF_TURN[name](bare_tok)
+    # add_eos: where the template's end of turn is not the tokenizer's EOS, EOS ends the example (learned)
+    eos = [] if bare_tok.eos_token in end_of_turn else [bare_tok.eos_token_id]
+    assert bare_tok.decode(feat["input_ids"]) == text + bare_tok.decode(eos)
+    expected = _reference_labels(bare_tok, feat["input_ids"], end_of_turn)
+    expected[len(expected) - len(eos):] = eos
     _assert_same_tokens(bare_tok, feat["labels"], expected)
     # the role headers and the user/system text stay in the input, masked
     masked = bare_tok.decode([t for t, label in zip(feat["input_ids"], feat["labels"], strict=True)
