@@ -41,8 +41,9 @@ def sample(
     height: Annotated[int | None, typer.Option("--height", help="Image height in pixels (default: native).")] = None,
     width: Annotated[int | None, typer.Option("--width", help="Image width in pixels (default: native).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder for images (default: samples).")] = None,
-    template: Annotated[str | None, typer.Option("--template", help="Text prompt template: alpaca, chat or none "
-                                                 "(default: the adapter's, else chat if available).")] = None,
+    template: Annotated[str | None, typer.Option("--template", help="Text prompt template: alpaca, chat, none, "
+                                                 "chatml, llama3, gemma, mistral or a .jinja file (default: the "
+                                                 "adapter's, else chat if available).")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="Text sampling temperature; 0 = greedy "
                                                       f"(default: {TextRequest.temperature:g}).")] = None,
     top_p: Annotated[float | None, typer.Option("--top-p", help=f"Nucleus sampling mass (default: {TextRequest.top_p}).")] = None,
@@ -127,12 +128,12 @@ def _check_image_options(scheduler: str | None, lora_scale: float | None, guidan
 
 def _check_text_options(template: str | None, temperature: float | None, top_p: float | None,
                         max_new_tokens: int | None) -> None:
-    from nora_cli.data.templates import TEMPLATES
+    from nora_cli.config.names import TEMPLATE_NAMES, is_template
 
     _positive(max_new_tokens=max_new_tokens, top_p=top_p)
     if top_p is not None and top_p > 1:
         raise NoraError(f"--top-p must be in (0, 1], got {top_p}")
     if temperature is not None and not 0 <= temperature < math.inf:
         raise NoraError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    if template is not None and template not in TEMPLATES:
-        raise NoraError(f"unknown --template {template!r}; expected {', '.join(TEMPLATES)}")
+    if template is not None and not is_template(template):
+        raise NoraError(f"unknown --template {template!r}; expected {', '.join(TEMPLATE_NAMES)} or a .jinja file")

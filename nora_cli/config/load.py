@@ -99,6 +99,10 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
         value = values.get(key) if isinstance(values, dict) else None
         if isinstance(value, str) and _looks_like_path(value, base, suffixes):
             values[key] = _absolute(value, base)
+    data = tree.get("data")
+    template = data.get("template") if isinstance(data, dict) else None
+    if isinstance(template, str) and template.endswith(".jinja"):  # a chat template file, not a template name
+        data["template"] = _absolute(template, base)
     evaluation = tree.get("eval")
     if isinstance(evaluation, dict) and isinstance(evaluation.get("data"), dict):
         for task, value in evaluation["data"].items():

@@ -13,6 +13,7 @@ import difflib
 from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -23,7 +24,16 @@ from pydantic import (
     model_validator,
 )
 
-from nora_cli.config.names import EVAL_BATCH_SIZE, INIT_NAMES, PISSA_NITER, InitName, Method, Protocol
+from nora_cli.config.names import (
+    EVAL_BATCH_SIZE,
+    INIT_NAMES,
+    PISSA_NITER,
+    TEMPLATE_NAMES,
+    InitName,
+    Method,
+    Protocol,
+    is_template,
+)
 from nora_cli.errors import shown
 
 Precondition = Literal["none", "scaled-gd"]
@@ -146,6 +156,16 @@ class OptimizerConfig(_Section):
     damping: Float = Field(1e-6, ge=0, description="Ridge added to BᵀB / AAᵀ before inverting in ScaledGD.")
 
 
+def _template(value: str) -> str:
+    if not is_template(value):
+        raise ValueError(f"expected one of {', '.join(TEMPLATE_NAMES)} or a path to a .jinja chat template")
+    return value
+
+
+#: a template name or a .jinja file (data/templates.py renders them)
+Template = Annotated[str, AfterValidator(_template)]
+
+
 class DataConfig(_Section):
     path: str = Field(
         "builtin:demo",
@@ -157,12 +177,17 @@ class DataConfig(_Section):
         description="Record layout: alpaca (instruction/input/output), gsm8k (query/response or question/answer), "
         "text (one `text` field), chat (messages), sst2 (GLUE {sentence, label} as \"<sentence> It was terrible|great\").",
     )
-    template: Literal["alpaca", "chat", "none"] = Field(
-        "alpaca", description="Prompt template wrapping each record (alpaca matches LLM-Adapters verbatim)."
+    template: Template = Field(
+        "alpaca",
+        description="Prompt template wrapping each record: alpaca (LLM-Adapters verbatim), chat (the tokenizer's "
+        "chat template), a named chat template for tokenizers without one (chatml, llama3, gemma, mistral), "
+        "a .jinja file (relative to the recipe file), or none. A chat template used is saved with the adapter's "
+        "tokenizer.",
     )
     split: str = Field("train", description="Split to read for hub datasets.")
-    train_on_inputs: bool = Field(
-        True, description="Compute the loss on prompt tokens too (LLM-Adapters default)."
+    train_on_inputs: bool | None = Field(
+        None, description="Compute the loss on prompt tokens too. null: the format's default, false for "
+        "conversations (chat: every assistant turn is learned, nothing else), true otherwise (LLM-Adapters).",
     )
     cutoff_len: Int = Field(256, gt=0, description="Maximum tokens per example; longer ones are truncated.")
     add_eos: bool = Field(True, description="Append the EOS token to each training example.")

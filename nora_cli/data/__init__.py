@@ -6,10 +6,19 @@ from nora_cli.data.demo import demo_records, write_demo
 from nora_cli.data.example import Example
 from nora_cli.data.formats import FORMATS, normalize_records
 from nora_cli.data.sources import load_records
-from nora_cli.data.templates import TEMPLATES, alpaca_eval_prompt, alpaca_prompt, render, render_prompt
+from nora_cli.data.templates import (
+    CHAT_TEMPLATES,
+    TEMPLATES,
+    alpaca_eval_prompt,
+    alpaca_prompt,
+    render,
+    render_prompt,
+    render_segments,
+)
 from nora_cli.data.tokenize import IGNORE_INDEX, build_datasets, tokenize_example
 
 __all__ = [
+    "CHAT_TEMPLATES",
     "FORMATS",
     "IGNORE_INDEX",
     "TEMPLATES",
@@ -23,6 +32,7 @@ __all__ = [
     "normalize_records",
     "render",
     "render_prompt",
+    "render_segments",
     "tokenize_example",
     "write_demo",
 ]

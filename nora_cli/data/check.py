@@ -33,6 +33,10 @@ def check_text_data(dcfg: DataConfig) -> str:
     from nora_cli.data.formats import normalize_records
     from nora_cli.data.sources import load_records
 
+    if dcfg.template.endswith(".jinja"):  # a missing chat template file fails here, not after the model loads
+        from nora_cli.data.templates import chat_template_source
+
+        chat_template_source(dcfg.template, None)
     if _is_hub_or_folder(dcfg.path):
         return f"data {dcfg.path}: hub dataset or folder, checked when it loads"
     records = load_records(dcfg.path, split=dcfg.split)

@@ -1,7 +1,8 @@
 """Tokenization with exact loss masks, and the train/validation split of tokenized examples.
 
-The prompt and the response are tokenized together, so the boundary token is the one the model really
-sees; labels mask the prompt (unless train_on_inputs) and padding with IGNORE_INDEX.
+A template renders each example as (text, learned) segments; each segment is tokenized on its own, so
+the mask boundary is a token boundary, and labels mask the unlearned segments (unless train_on_inputs)
+with IGNORE_INDEX. Conversations learn every assistant turn and nothing else by default.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from nora_cli.data.example import Example
 from nora_cli.data.formats import normalize_records
-from nora_cli.data.templates import render
+from nora_cli.data.templates import render_segments, uses_chat_template
 from nora_cli.errors import NoraError
 
 if TYPE_CHECKING:
@@ -37,29 +38,56 @@ def _assemble(
     prompt_ids: list[int], response_ids: list[int], eos: int | None, *,
     cutoff_len: int, train_on_inputs: bool, add_eos: bool,
 ) -> dict[str, list[int]]:
-    input_ids = (prompt_ids + response_ids)[:cutoff_len]
-    if add_eos and eos is not None and eos not in response_ids and len(input_ids) < cutoff_len:
+    """One prompt + response pair (LLM-Adapters' layout): `_assemble_segments` with two segments."""
+    return _assemble_segments([(prompt_ids, False), (response_ids, True)], eos, cutoff_len=cutoff_len,
+                              train_on_inputs=train_on_inputs, add_eos=add_eos)
+
+
+def _assemble_segments(
+    segments: Sequence[tuple[list[int], bool]], eos: int | None, *,
+    cutoff_len: int, train_on_inputs: bool, add_eos: bool,
+) -> dict[str, list[int]]:
+    """input_ids/labels from (ids, learned) segments: masked segments get IGNORE_INDEX unless train_on_inputs."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for ids, learned in segments:
+        input_ids += ids
+        labels += ids if learned or train_on_inputs else [IGNORE_INDEX] * len(ids)
+    input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
+    last_learned = next((ids for ids, learned in reversed(segments) if learned), [])
+    if add_eos and eos is not None and eos not in last_learned and len(input_ids) < cutoff_len:
         input_ids.append(eos)
-    labels = list(input_ids)
-    if not train_on_inputs:
-        n = min(len(prompt_ids), len(labels))
-        labels[:n] = [IGNORE_INDEX] * n
+        labels.append(eos)
     return {"input_ids": input_ids, "labels": labels}
+
+
+def learns_inputs(train_on_inputs: bool | None, example: Example) -> bool:
+    """`data.train_on_inputs` for one example; None is the format's default: conversations (chat, sharegpt)
+    learn their assistant turns only, every other format learns its prompt too (LLM-Adapters' default)."""
+    return not example.messages if train_on_inputs is None else train_on_inputs
 
 
 def _tokenize_many(
     examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, *,
-    template: str, cutoff_len: int, train_on_inputs: bool, add_eos: bool,
+    template: str, cutoff_len: int, train_on_inputs: bool | None, add_eos: bool,
 ) -> list[dict[str, list[int]]]:
-    pairs = [render(template, example, tokenizer) for example in examples]
-    # Chat templates write their own BOS/turn tokens into the text; other templates get the tokenizer's.
-    prompts = _encode(tokenizer, [p for p, _ in pairs], special=template != "chat")
-    responses = _encode(tokenizer, [r for _, r in pairs], special=False)
-    return [
-        _assemble(p, r, tokenizer.eos_token_id, cutoff_len=cutoff_len,
-                  train_on_inputs=train_on_inputs, add_eos=add_eos)
-        for p, r in zip(prompts, responses, strict=True)
-    ]
+    rendered = [render_segments(template, example, tokenizer) for example in examples]
+    # Chat templates write their own BOS/turn tokens into the text; other templates get the tokenizer's BOS
+    # on their first segment. Every segment is tokenized on its own: the mask boundary is a token boundary.
+    special_first = [not uses_chat_template(template, example) for example in examples]
+    pairs = list(zip(rendered, special_first, strict=True))
+    firsts = _encode(tokenizer, [segs[0][0] for segs, first in pairs if first], special=True)
+    rest = _encode(tokenizer, [text for segs, first in pairs for text, _ in (segs[1:] if first else segs)],
+                   special=False)
+    firsts_it, rest_it = iter(firsts), iter(rest)
+    features = []
+    for example, (segs, first) in zip(examples, pairs, strict=True):
+        ids = [next(firsts_it)] if first else []
+        ids += [next(rest_it) for _ in range(len(segs) - len(ids))]
+        features.append(_assemble_segments(
+            [(i, learned) for i, (_, learned) in zip(ids, segs, strict=True)], tokenizer.eos_token_id,
+            cutoff_len=cutoff_len, train_on_inputs=learns_inputs(train_on_inputs, example), add_eos=add_eos))
+    return features
 
 
 def tokenize_example(
@@ -68,22 +96,24 @@ def tokenize_example(
     *,
     template: str,
     cutoff_len: int,
-    train_on_inputs: bool,
+    train_on_inputs: bool | None,
     add_eos: bool,
 ) -> dict[str, list[int]]:
     """input_ids/labels for one example, following LLM-Adapters' `generate_and_tokenize_prompt`.
 
-    - ids = tokens(prompt) + tokens(response), truncated to `cutoff_len` tokens (from the right).
-    - EOS is appended when `add_eos`, the response does not already contain it (chat templates
+    - ids = the tokens of each rendered segment in order (prompt, response; or a conversation's turns),
+      truncated to `cutoff_len` tokens (from the right).
+    - EOS is appended when `add_eos`, the last learned segment does not already contain it (chat templates
       close the turn themselves) and the truncated sequence is shorter than `cutoff_len`; so a
       truncated example never gets EOS, exactly as in LLM-Adapters.
-    - labels = input_ids; with `train_on_inputs=False` the prompt tokens (BOS included) are -100.
+    - labels = input_ids, with masked segments (the prompt, BOS included; a conversation's headers, system,
+      user and tool turns) set to -100 unless `train_on_inputs` (None: see `learns_inputs`).
 
     One deliberate difference: LLM-Adapters tokenizes prompt+response as ONE string and masks
     len(tokens(prompt)) tokens. With byte-level BPE (SmolLM2, Llama 3, Qwen) the alpaca prompt's
     trailing 16 spaces merge with the response's first word, so that count is off by a token and
     the model trains on a token sequence generation (which starts from tokens(prompt)) never
-    produces. Tokenizing the two parts separately makes the mask exact and matches inference;
+    produces. Tokenizing the parts separately makes the mask exact and matches inference;
     where the boundary tokenizes stably (most sentencepiece cases) both give the same ids.
     """
     return _tokenize_many([example], tokenizer, template=template, cutoff_len=cutoff_len,
@@ -108,7 +138,7 @@ def build_datasets(
     fmt: str,
     template: str,
     cutoff_len: int,
-    train_on_inputs: bool,
+    train_on_inputs: bool | None,
     add_eos: bool,
     val_set_size: int | float,
     seed: int,

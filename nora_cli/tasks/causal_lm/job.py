@@ -53,6 +53,7 @@ def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
     from nora_cli.data.batch import collate
     from nora_cli.data.formats import normalize_records
     from nora_cli.data.sources import load_records
+    from nora_cli.data.templates import trained_chat_template
     from nora_cli.data.tokenize import build_datasets
     from nora_cli.models import load_causal_lm, resolve_source
 
@@ -60,7 +61,7 @@ def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
     records = load_records(dcfg.path, split=dcfg.split)  # data first: a bad file fails before the model loads
     if not records:
         raise NoraError(f"the dataset {dcfg.path} is empty")
-    normalize_records(records, dcfg.format)
+    first = normalize_records(records, dcfg.format)[0]
     source = resolve_source(mcfg.source, mcfg.gguf_file)
     device_map = {"": device} if mcfg.quantization else None
     model, tokenizer = load_causal_lm(
@@ -84,6 +85,9 @@ def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
         seed=recipe.seed, max_samples=dcfg.max_samples, shuffle=dcfg.shuffle,
     )
     collate_fn = _to_device(partial(collate, pad_token_id=tokenizer.pad_token_id), device)
+    chat_template = trained_chat_template(dcfg.template, tokenizer, first)
+    if chat_template is not None:  # saved with the adapter: `nora sample`, apply_chat_template reproduce it
+        tokenizer.chat_template = chat_template
 
     def save_final(model: Any, target: Path) -> None:
         if modifies_base:
