@@ -325,8 +325,8 @@ MORE_CASES: dict[str, tuple[Setup, str]] = {
                           r"every record's output is empty \(records 0-1\)"),
     "csv-wrong-columns": (lambda ws: ws.train(**{"data.path": str(_text(ws, "d.csv", "question,answer\nq,a\n"))}),
                           r"record 0 is missing key 'instruction'"),
-    "unsupported-data-format": (lambda ws: ws.train(**{"data.path": str(_text(ws, "d.tsv", "a\tb\n"))}),
-                                r"unsupported data file format '\.tsv'"),
+    "unsupported-data-format": (lambda ws: ws.train(**{"data.path": str(_text(ws, "d.xlsx", "a\tb\n"))}),
+                                r"unsupported data file format '\.xlsx'"),
     # --- other flags of every command ---
     "merge-negative-shard-size": (lambda ws: ["merge", "--adapter", str(ws.adapter), "--out", "m", "--max-shard-size", "-5GB"],
                                   r"--max-shard-size '-5GB': expected a positive size"),
