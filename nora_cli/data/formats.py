@@ -137,7 +137,6 @@ FORMATS: dict[str, Callable[[dict], Example]] = {
 }
 
 
-
 #: format -> (list key, role key) of its turns, for `data.roles`
 _TURNS = {"chat": ("messages", "role"), "sharegpt": ("conversations", "from")}
 
