@@ -333,7 +333,7 @@ MORE_CASES: dict[str, tuple[Setup, str]] = {
     "mixed-entry-wrong-fields": (
         lambda ws: ws.train(data={"cutoff_len": 32, "datasets": [
             {"path": "data.json"}, {"path": _json_file(ws, "q.json", [{"q": "a"}]), "format": "gsm8k"}]}),
-        r"data\.datasets\[1\] \(.*q\.json\): format 'gsm8k': record 0 is missing key 'question\|query'"),
+        r"data\.datasets\[1\] \(.*q\.json\): format 'gsm8k': record 0 is missing key 'answer\|response'"),
     # --- other flags of every command ---
     "merge-negative-shard-size": (lambda ws: ["merge", "--adapter", str(ws.adapter), "--out", "m", "--max-shard-size", "-5GB"],
                                   r"--max-shard-size '-5GB': expected a positive size"),

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +80,27 @@ def _read_with(builder: str) -> Callable[[Path], list[dict]]:
     return lambda path: _via_datasets(path, builder)
 
 
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Reading a local file takes seconds at most: datasets' "Generating train split" bars would only
+    clutter the output (and bury a one-line error)."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_enabled = not are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            enable_progress_bars()
+
+
 def _via_datasets(path: Path, builder: str, **options: Any) -> list[dict]:
     import datasets
 
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", **options).to_list()
+        with _no_progress_bars():
+            return datasets.load_dataset(builder, data_files=str(path), split="train", **options).to_list()
     except Exception as err:  # arrow/pandas raise many types for corrupt files
         raise NoraError(f"{path}: cannot read {builder}: {_first_message(err)}") from None
 
@@ -243,7 +260,8 @@ def load_records(
     if path.is_dir():
         if _is_saved(path) and data_files is None:
             return _load_saved(path, split)
-        return _load_hub(str(path), split, name, data_files)  # a folder of data files: datasets knows the layouts
+        with _no_progress_bars():  # a folder of data files: datasets knows the layouts
+            return _load_hub(str(path), split, name, data_files)
     if path.is_file():
         raise NoraError(f"unsupported data file format {path.suffix or '(no suffix)'!r}: {path}; "
                         f"expected {', '.join(READERS)}, a dataset folder or a hub dataset")
