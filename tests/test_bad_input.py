@@ -325,8 +325,15 @@ MORE_CASES: dict[str, tuple[Setup, str]] = {
                           r"every record's output is empty \(records 0-1\)"),
     "csv-wrong-columns": (lambda ws: ws.train(**{"data.path": str(_text(ws, "d.csv", "question,answer\nq,a\n"))}),
                           r"record 0 is missing key 'instruction'"),
-    "unsupported-data-format": (lambda ws: ws.train(**{"data.path": str(_text(ws, "d.tsv", "a\tb\n"))}),
-                                r"unsupported data file format '\.tsv'"),
+    "unsupported-data-format": (lambda ws: ws.train(**{"data.path": str(_text(ws, "d.xlsx", "a\tb\n"))}),
+                                r"unsupported data file format '\.xlsx'"),
+    "hub-data-while-offline": (lambda ws: ws.train(**{"data.path": "nora-tests/no-such-data", "data.name": "main"}),
+                               r"cannot load dataset 'nora-tests/no-such-data' \(split 'train', config 'main'\)"),
+    "bad-split-slice": (lambda ws: ws.train(**{"data.split": "train[:x]"}), r"bad split 'train\[:x\]' for .*data\.json"),
+    "mixed-entry-wrong-fields": (
+        lambda ws: ws.train(data={"cutoff_len": 32, "datasets": [
+            {"path": "data.json"}, {"path": _json_file(ws, "q.json", [{"q": "a"}]), "format": "gsm8k"}]}),
+        r"data\.datasets\[1\] \(.*q\.json\): format 'gsm8k': record 0 is missing key 'answer\|response'"),
     # --- other flags of every command ---
     "merge-negative-shard-size": (lambda ws: ["merge", "--adapter", str(ws.adapter), "--out", "m", "--max-shard-size", "-5GB"],
                                   r"--max-shard-size '-5GB': expected a positive size"),

@@ -423,9 +423,9 @@ def test_csv_loads_and_unknown_formats_say_unsupported(tmp_path: Path) -> None:
     assert load_records(str(tmp_path / "d.csv")) == [
         {"instruction": 'Say "hi", please', "input": "", "output": "hi"},
         {"instruction": "Count", "input": "1 2", "output": "3"}]
-    (tmp_path / "d.tsv").write_text("a\tb\n")
-    with pytest.raises(NoraError, match=r"unsupported data file format '\.tsv'.*expected \.json, \.jsonl"):
-        load_records(str(tmp_path / "d.tsv"))
+    (tmp_path / "d.xlsx").write_text("a\tb\n")
+    with pytest.raises(NoraError, match=r"unsupported data file format '\.xlsx'.*expected \.json, \.jsonl"):
+        load_records(str(tmp_path / "d.xlsx"))
     (tmp_path / "bin.json").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     with pytest.raises(NoraError, match=r"dataset file .*bin\.json is not UTF-8 text"):
         load_records(str(tmp_path / "bin.json"))

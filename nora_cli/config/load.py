@@ -66,7 +66,7 @@ def find_recipe(path_or_name: str) -> Path:
 
 # --- loading ---------------------------------------------------------------------------------------------
 
-_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow")
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".arrow")
 # (section, key, file suffixes that mark a bare name as a path rather than a hub id)
 _PATH_FIELDS = (
     ("model", "source", (".gguf",)),
@@ -103,6 +103,11 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
     template = data.get("template") if isinstance(data, dict) else None
     if isinstance(template, str) and template.endswith(".jinja"):  # a chat template file, not a template name
         data["template"] = _absolute(template, base)
+    entries = data.get("datasets") if isinstance(data, dict) else None
+    for entry in entries if isinstance(entries, list) else ():  # data.datasets: each entry's path as data.path
+        value = entry.get("path") if isinstance(entry, dict) else None
+        if isinstance(value, str) and _looks_like_path(value, base, _DATA_SUFFIXES):
+            entry["path"] = _absolute(value, base)
     evaluation = tree.get("eval")
     if isinstance(evaluation, dict) and isinstance(evaluation.get("data"), dict):
         for task, value in evaluation["data"].items():
@@ -181,22 +186,36 @@ def _field_names(loc: tuple[Any, ...]) -> list[str]:
     """Valid keys at the level of `loc` (a path of section names from the Recipe root)."""
     model: type[BaseModel] = Recipe
     for part in loc:
+        if isinstance(part, int):  # an entry of a list of sections (data.datasets[0])
+            continue
         field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        found = _section_in(getattr(field, "annotation", None))
+        if found is None:
             return []
-        model = annotation
+        model = found
     return list(model.model_fields)
+
+
+def _section_in(annotation: Any) -> type[BaseModel] | None:
+    """The section model an annotation holds: `X`, `X | None`, `list[X] | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for arg in getattr(annotation, "__args__", ()) if (m := _section_in(arg))), None)
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    """A pydantic location as the user writes it: data.datasets[0].path."""
+    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
 
 
 def _format_error(err: dict[str, Any]) -> str:
     """One line for one pydantic error: dotted path, what was expected, what was given."""
     loc = tuple(err["loc"])
-    dotted = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+    dotted = _dotted(loc)
     if err["type"] == "extra_forbidden":
         valid = _field_names(loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+        hint = f"; did you mean {_dotted((*loc[:-1], close[0]))!r}?" if close else ""
         return f"unknown key {shown(dotted)}{hint} (valid here: {', '.join(valid)})"
     msg = str(err["msg"])
     if msg.startswith("Value error, "):

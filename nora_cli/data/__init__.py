@@ -1,5 +1,6 @@
-"""Data: sources (files, hub, built-ins) → formats (one Example per record) → templates → tokenize (exact loss
-masks, train/val split) → batch; images.py for DreamBooth, check.py for the cheap pre-load check."""
+"""Data: sources (files, folders, hub, built-ins) → formats (one Example per record) → mixture (one source or
+several mixed) → templates → tokenize (exact loss masks, train/val split) → batch; images.py for DreamBooth,
+check.py for the cheap pre-load check."""
 
 from nora_cli.data.batch import collate
 from nora_cli.data.demo import demo_records, write_demo

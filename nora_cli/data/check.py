@@ -2,8 +2,8 @@
 `nora recipes validate`: files and image folders exist, and records parse in the recipe's format.
 
 A missing file used to surface only after the model had loaded (a minute for SmolLM2, a full download for
-a 7B recipe). Hub datasets and local dataset folders are left to `datasets` at load time: checking them
-here would mean downloading or reading them whole.
+a 7B recipe). Every source is read here the way training reads it, except that a hub dataset is only
+sampled (its first records, streamed) so that validating a recipe never downloads a whole dataset.
 """
 
 from __future__ import annotations
@@ -17,33 +17,24 @@ if TYPE_CHECKING:
     from nora_cli.config.schema import DataConfig, DreamBoothConfig
 
 
-def _is_hub_or_folder(source: str) -> bool:
-    """What `load_records` hands to `datasets.load_dataset` (a local folder, or a hub id)."""
-    from nora_cli.data.sources import READERS
-
-    path = Path(source).expanduser()
-    if source.startswith("builtin:") or path.is_file():
-        return False
-    looks_local = path.suffix.lower() in READERS or source.startswith((".", "/", "~")) or source.count("/") > 1
-    return path.is_dir() or not looks_local
+#: records read from a hub dataset to check its format (streamed when online; the rest loads in training)
+PEEK = 100
 
 
 def check_text_data(dcfg: DataConfig) -> str:
-    """Load the records of a local file (or built-in set) and normalize them all in `dcfg.format`."""
+    """Read every source (only the first PEEK records of a hub dataset) and normalize the records."""
     from nora_cli.data.formats import normalize_records
-    from nora_cli.data.sources import load_records
+    from nora_cli.data.mixture import training_records
 
     if dcfg.template.endswith(".jinja"):  # a missing chat template file fails here, not after the model loads
         from nora_cli.data.templates import chat_template_source
 
         chat_template_source(dcfg.template, None)
-    if _is_hub_or_folder(dcfg.path):
-        return f"data {dcfg.path}: hub dataset or folder, checked when it loads"
-    records = load_records(dcfg.path, split=dcfg.split)
-    if not records:
-        raise NoraError(f"the dataset {dcfg.path} is empty")
-    normalize_records(records, dcfg.format)
-    return f"data {dcfg.path}: {len(records)} records, format {dcfg.format}"
+    records, fmt = training_records(dcfg, seed=0, peek=PEEK)
+    normalize_records(records, fmt)
+    if dcfg.datasets is None:
+        return f"data {dcfg.path}: {len(records)} records, format {dcfg.format}"
+    return f"data: {len(dcfg.datasets)} datasets mixed, {len(records)} examples"
 
 
 def check_images(cfg: DreamBoothConfig) -> str:

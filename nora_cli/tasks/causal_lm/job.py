@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nora_cli.errors import NoraError
 from nora_cli.loop.job import Job
 from nora_cli.tasks.causal_lm.fast import TrainForward, enabled_fast_paths, use_sparse_dropout
 
@@ -52,16 +51,14 @@ def _to_device(collate_fn: Any, device: torch.device) -> Any:
 def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
     from nora_cli.data.batch import collate
     from nora_cli.data.formats import normalize_records
-    from nora_cli.data.sources import load_records
+    from nora_cli.data.mixture import training_records
     from nora_cli.data.templates import trained_chat_template
     from nora_cli.data.tokenize import build_datasets
     from nora_cli.models import load_causal_lm, resolve_source
 
     mcfg, dcfg = recipe.model, recipe.data
-    records = load_records(dcfg.path, split=dcfg.split)  # data first: a bad file fails before the model loads
-    if not records:
-        raise NoraError(f"the dataset {dcfg.path} is empty")
-    first = normalize_records(records, dcfg.format)[0]
+    records, fmt = training_records(dcfg, recipe.seed)  # data first: a bad file fails before the model loads
+    first = normalize_records(records, fmt)[0]
     source = resolve_source(mcfg.source, mcfg.gguf_file)
     device_map = {"": device} if mcfg.quantization else None
     model, tokenizer = load_causal_lm(
@@ -80,7 +77,7 @@ def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
         peft_model.to(device)
 
     train, val = build_datasets(
-        records, tokenizer, fmt=dcfg.format, template=dcfg.template, cutoff_len=dcfg.cutoff_len,
+        records, tokenizer, fmt=fmt, template=dcfg.template, cutoff_len=dcfg.cutoff_len,
         train_on_inputs=dcfg.train_on_inputs, add_eos=dcfg.add_eos, val_set_size=dcfg.val_set_size,
         seed=recipe.seed, max_samples=dcfg.max_samples, shuffle=dcfg.shuffle,
     )
