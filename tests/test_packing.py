@@ -71,9 +71,9 @@ def _peft_model(model_dir: Path, attn: str) -> torch.nn.Module:
     return model
 
 
-def _loss_and_grads(model: torch.nn.Module, batches: list[dict]) -> tuple[float, int, list[torch.Tensor], list[int]]:
+def _loss_and_grads(model: torch.nn.Module, forward: TrainForward,
+                    batches: list[dict]) -> tuple[float, int, list[torch.Tensor], list[int]]:
     """Mean loss over the batches' targets, its LoRA gradients, the target count and the target token ids."""
-    forward = TrainForward(model)
     model.zero_grad()
     outs = [forward(model, batch) for batch in batches]
     total = torch.stack([o.loss_sum for o in outs]).sum()
@@ -100,9 +100,10 @@ def _assert_packed_equals_unpacked(model_dir: Path, attn: str) -> None:
     assert any(bool((b["attention_mask"] == 0).any()) for b in packed_batches)  # row padding is in the mix
 
     model = _peft_model(model_dir, attn)
-    loss, count, grads, targets = _loss_and_grads(model, unpacked_batches)
+    forward = TrainForward(model)  # the training forward, fast paths included
+    loss, count, grads, targets = _loss_and_grads(model, forward, unpacked_batches)
     for batches in (packed_batches, [flatten_rows(b) for b in packed_batches]):  # flatten: flash's layout
-        p_loss, p_count, p_grads, p_targets = _loss_and_grads(model, batches)
+        p_loss, p_count, p_grads, p_targets = _loss_and_grads(model, forward, batches)
         assert p_count == count and p_targets == targets  # the same tokens are scored
         assert p_loss == pytest.approx(loss, rel=1e-5, abs=0)
         for g, pg in zip(grads, p_grads, strict=True):
@@ -110,7 +111,7 @@ def _assert_packed_equals_unpacked(model_dir: Path, attn: str) -> None:
         assert any(float(g.abs().max()) > 0 for g in grads)
     # control: the same rows with a plain 2-D mask (attention across examples) give another loss
     crossing = [{k: v for k, v in b.items() if k != "position_ids"} for b in packed_batches]
-    c_loss, *_ = _loss_and_grads(model, crossing)
+    c_loss, *_ = _loss_and_grads(model, forward, crossing)
     assert abs(c_loss - loss) > 1e-3
 
 
