@@ -81,12 +81,9 @@ class PackedRows(Sequence[dict[str, list[int]]]):
             feature = self.features[i]
             ids = list(feature["input_ids"])
             input_ids += ids
-            labels += [IGNORE_INDEX, *list(feature["labels"])[1:]]
+            labels += [IGNORE_INDEX, *list(feature["labels"])[1:]][: len(ids)]
             position_ids += range(len(ids))
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-
-    def row_lengths(self) -> list[int]:
-        return [sum(self.example_lengths[i] for i in row) for row in self.rows]
 
     @property
     def efficiency(self) -> float:
