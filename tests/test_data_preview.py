@@ -67,7 +67,7 @@ def test_json_rows_are_the_training_rows(recipe: Path, tiny_llama_dir: Path) -> 
 def test_json_with_packing_shows_packed_rows(recipe: Path, tiny_llama_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    proc = _preview(str(recipe), "--json", "--set", "data.packing=true")
+    proc = _preview(str(recipe), "--json", "--n", "10", "--set", "data.packing=true")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
