@@ -24,7 +24,7 @@ def _records() -> list[dict]:
     """Alpaca records of mixed lengths (some longer than the cutoff, so truncation is in the mix)."""
     rows = []
     for i in range(9):
-        words = " ".join(WORDS[(i + k) % 8] for k in range(1 + 4 * i))
+        words = " ".join(WORDS[(i + k) % 8] for k in range(1 + 8 * i))
         rows.append({"instruction": f"Repeat: {words}", "input": "", "output": words[: 6 + 5 * i]})
     return rows
 
@@ -88,7 +88,7 @@ def _assert_packed_equals_unpacked(model_dir: Path, attn: str) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    features, _ = build_datasets(_records(), tokenizer, fmt="alpaca", template="alpaca", cutoff_len=CUTOFF,
+    features, _ = build_datasets(_records(), tokenizer, fmt="alpaca", template="none", cutoff_len=CUTOFF,
                                  train_on_inputs=False, add_eos=True, val_set_size=0, seed=0)
     packed = PackedRows(features, CUTOFF)
     assert len(packed) < len(features) and any(len(row) > 1 for row in packed.rows)
