@@ -20,7 +20,7 @@ from typer._click.exceptions import NoArgsIsHelpError
 from typer.core import TyperGroup
 
 from nora_cli import __version__
-from nora_cli.commands import evaluate, factorize, merge, recipes, sample, sweep, train
+from nora_cli.commands import data, evaluate, factorize, merge, recipes, sample, sweep, train
 from nora_cli.errors import NoraError
 from nora_cli.safety import exit_on_sigterm
 
@@ -138,6 +138,9 @@ recipes_app.command("show")(recipes.show)
 recipes_app.command("schema")(recipes.schema)
 recipes_app.command("validate")(recipes.validate)
 app.add_typer(recipes_app, name="recipes", help="List, show and validate shipped recipes; print the schema.")
+data_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+data_app.command("preview")(data.preview)
+app.add_typer(data_app, name="data", help="See a recipe's training data as the model will: tokens, masks, counts.")
 
 
 def _version(value: bool) -> None:

@@ -72,20 +72,29 @@ class ModelSource:
     display: str  # what the user wrote, recorded in nora.json / adapter_config.json
 
 
-def resolve_source(source: str, gguf_file: str | None = None) -> ModelSource:
-    """Turn an alias, GGUF path, local dir or hub id into something `from_pretrained` loads fast."""
+def gguf_path(source: str, gguf_file: str | None = None) -> Path | None:
+    """The GGUF file a source names (a built-in alias, a .gguf path, or a folder + gguf_file), else None."""
     if source in ALIASES:
-        return ModelSource(str(convert_gguf(alias_gguf_path(source))), source)
+        return alias_gguf_path(source)
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise NoraError(f"GGUF file not found: {path}")
-        return ModelSource(str(convert_gguf(path)), source)
+        return path
     if gguf_file is not None:
         gguf = path / gguf_file if path.is_dir() else None
         if gguf is None or not gguf.is_file():
             raise NoraError(f"GGUF file {gguf_file!r} not found in {source}")
+        return gguf
+    return None
+
+
+def resolve_source(source: str, gguf_file: str | None = None) -> ModelSource:
+    """Turn an alias, GGUF path, local dir or hub id into something `from_pretrained` loads fast."""
+    gguf = gguf_path(source, gguf_file)
+    if gguf is not None:
         return ModelSource(str(convert_gguf(gguf)), source)
+    path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise NoraError(f"{path} is not a model directory (no config.json)")
@@ -129,12 +138,18 @@ def hub_source(repo_id: str, marker: str) -> ModelSource:
     )
 
 
-def convert_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF once into `$NORA_CACHE/gguf/<name>-<hash>/` (safetensors + tokenizer)."""
+def converted_dir(gguf: Path) -> Path:
+    """Where `convert_gguf` keeps (or will keep) the conversion of this GGUF file."""
     gguf = gguf.resolve()
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    out = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF once into `$NORA_CACHE/gguf/<name>-<hash>/` (safetensors + tokenizer)."""
+    gguf = gguf.resolve()
+    out = converted_dir(gguf)
     if (out / "config.json").is_file():
         return out
     import torch
@@ -169,9 +184,26 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> PreT
         tokenizer = AutoTokenizer.from_pretrained(source.name_or_path, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise load_error(err, source) from err
+    return _with_pad(tokenizer)
+
+
+def _with_pad(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Batches need a pad token; a tokenizer without one pads with EOS (labels mask padding anyway)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_tokenizer_only(source: str, gguf_file: str | None = None,
+                        trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """A source's tokenizer without loading its weights: a GGUF with no converted copy yet gives its
+    tokenizer from the file's metadata instead of being dequantized (what `nora data preview` needs)."""
+    gguf = gguf_path(source, gguf_file)
+    if gguf is None or (converted_dir(gguf) / "config.json").is_file():
+        return load_tokenizer(resolve_source(source, gguf_file), trust_remote_code)
+    from transformers import AutoTokenizer
+
+    return _with_pad(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
 
 
 #: weight files that `torch.load` unpickles (a pickle can run arbitrary code when loaded)

@@ -362,6 +362,10 @@ MORE_CASES: dict[str, tuple[Setup, str]] = {
     "recipes-show-unknown": (lambda ws: ["recipes", "show", "nope"], r"no recipe file or shipped recipe named 'nope'"),
     "recipes-validate-bad-value": (lambda ws: ["recipes", "validate", str(ws.recipe()), "--set", "adapter.r=yes"],
                                    r"adapter\.r: expected a valid integer"),
+    "data-preview-missing-recipe": (lambda ws: ["data", "preview", "no-such-recipe.yaml"],
+                                    r"no recipe file or shipped recipe named 'no-such-recipe\.yaml'"),
+    "data-preview-n-0": (lambda ws: ["data", "preview", str(ws.recipe()), "--n", "0"],
+                         r"Invalid value for '--n'.*greater than or equal to 1"),
     "factorize-negative-m": (lambda ws: ["factorize", "--m", "-3"], r"m, n and rank must be >= 1 \(got m=-3"),
 }
 CASES.update(MORE_CASES)

@@ -243,6 +243,10 @@ class DataConfig(_SourceKeys):
     shuffle: bool = Field(
         True, description="Shuffle examples (seeded by `seed`) before selection and training."
     )
+    packing: bool = Field(
+        False, description="Pack several examples into each row of `cutoff_len` tokens (no padding); attention "
+        "and positions restart per example, so the loss is the unpacked one. Batch sizes then count rows.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -24,6 +24,7 @@ Around the model call it turns on, only for that call:
                (cut where the padded tokens saved outweigh a per-call cost), their losses summed into one
                graph. Rows are independent in a causal LM, so this is the same sum over the same tokens;
                on the throughput benchmark's ARC-Easy batches padding falls from 30% to ~9%.
+               Off with `data.packing`: packed rows are (nearly) all `cutoff_len` long, nothing to split.
 
 and, at model build time, `use_sparse_dropout` swaps PEFT's LoRA dropout for `SparseDropout`: iid
 Bernoulli(p) masks as before, drawn from ~n·p geometric gaps instead of n serial draws (torch's CPU
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nora_cli.cpu_kernels import onednn_available, onednn_linear
+from nora_cli.data.packing import flatten_rows
 from nora_cli.loop.job import LossOutput
 
 FAST_PATHS = ("gather", "low_precision", "onednn", "eager", "split", "dropout")
@@ -153,8 +155,10 @@ class TrainForward:
     """The causal-LM Job loss with the fast paths above; `model` is the PEFT model it will be called with."""
 
     def __init__(self, model: nn.Module, *, gradient_checkpointing: bool = False,
-                 paths: frozenset[str] | None = None) -> None:
+                 paths: frozenset[str] | None = None, packed: bool = False) -> None:
         self.paths = enabled_fast_paths() if paths is None else paths
+        if packed:  # rows of cutoff_len tokens: no mixed lengths to split
+            self.paths = self.paths - {"split"}
         if gradient_checkpointing:  # recompute runs outside our context: nothing there may differ from it
             self.paths = self.paths - {"low_precision", "onednn", "eager"}
         root = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -185,6 +189,10 @@ class TrainForward:
         return [name for name in FAST_PATHS if name in self.paths and applies[name]]
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
+        if "position_ids" in batch:  # packed rows (data/packing.py)
+            if self.config is not None and "flash" in str(getattr(self.config, "_attn_implementation", "")):
+                batch = flatten_rows(batch)  # flash's variable-length path reads position_ids of one row only
+            return self._loss(model, batch)
         rows = batch["input_ids"].device.type == "cpu" and "split" in self.paths and length_groups(batch)
         if not rows:
             return self._loss(model, batch)
@@ -195,8 +203,12 @@ class TrainForward:
         ids = batch["input_ids"]
         labels = batch["labels"][:, 1:]
         keep = labels != -100
+        if "position_ids" in batch:  # no 2-D mask, no cache: transformers builds the per-example mask from these
+            inputs = {"position_ids": batch["position_ids"], "attention_mask": None, "use_cache": False}
+        else:
+            inputs = {"attention_mask": batch["attention_mask"]}
         with self._fast(ids, keep):
-            logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=ids, **inputs).logits
         if logits.dim() == 2:  # the head saw only the kept positions
             loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
         else:

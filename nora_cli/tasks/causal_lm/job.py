@@ -50,15 +50,13 @@ def _to_device(collate_fn: Any, device: torch.device) -> Any:
 
 def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
     from nora_cli.data.batch import collate
-    from nora_cli.data.formats import normalize_records
-    from nora_cli.data.mixture import training_records
+    from nora_cli.data.packing import PackedRows, collate_packed
+    from nora_cli.data.prepare import read_records, tokenized_splits
     from nora_cli.data.templates import trained_chat_template
-    from nora_cli.data.tokenize import build_datasets
     from nora_cli.models import load_causal_lm, resolve_source
 
     mcfg, dcfg = recipe.model, recipe.data
-    records, fmt = training_records(dcfg, recipe.seed)  # data first: a bad file fails before the model loads
-    first = normalize_records(records, fmt)[0]
+    data = read_records(dcfg, recipe.seed)  # data first: a bad file fails before the model loads
     source = resolve_source(mcfg.source, mcfg.gguf_file)
     device_map = {"": device} if mcfg.quantization else None
     model, tokenizer = load_causal_lm(
@@ -76,13 +74,11 @@ def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
     if mcfg.quantization is None:
         peft_model.to(device)
 
-    train, val = build_datasets(
-        records, tokenizer, fmt=fmt, template=dcfg.template, cutoff_len=dcfg.cutoff_len,
-        train_on_inputs=dcfg.train_on_inputs, add_eos=dcfg.add_eos, val_set_size=dcfg.val_set_size,
-        seed=recipe.seed, max_samples=dcfg.max_samples, shuffle=dcfg.shuffle,
-    )
-    collate_fn = _to_device(partial(collate, pad_token_id=tokenizer.pad_token_id), device)
-    chat_template = trained_chat_template(dcfg.template, tokenizer, first)
+    train, val = tokenized_splits(data, dcfg, tokenizer, recipe.seed)
+    packed = isinstance(train, PackedRows)
+    collate_fn = _to_device(partial(collate_packed if packed else collate, pad_token_id=tokenizer.pad_token_id),
+                            device)
+    chat_template = trained_chat_template(dcfg.template, tokenizer, data.first)
     if chat_template is not None:  # saved with the adapter: `nora sample`, apply_chat_template reproduce it
         tokenizer.chat_template = chat_template
 
@@ -95,7 +91,11 @@ def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
             model.save_pretrained(target)
         tokenizer.save_pretrained(target)
 
-    forward = TrainForward(peft_model, gradient_checkpointing=mcfg.gradient_checkpointing)
+    forward = TrainForward(peft_model, gradient_checkpointing=mcfg.gradient_checkpointing, packed=packed)
+    meta: dict[str, Any] = {}
+    if packed:
+        meta["packing"] = {"rows": len(train), "examples": len(train.example_lengths),
+                           "efficiency": round(train.efficiency, 4)}
     return Job(
         model=peft_model,
         train_data=train,
@@ -109,7 +109,9 @@ def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
             "prompt_template": dcfg.template,
             "modifies_base": modifies_base,
             "fast_paths": forward.active(device, recipe.train.mixed_precision),
+            **meta,
         },
         unit="tokens",
-        lengths=[len(f["input_ids"]) for f in train],
+        # length-grouped micro-batches pad less; packed rows are all about cutoff_len long, so no grouping
+        lengths=None if packed else [len(f["input_ids"]) for f in train],
     )
