@@ -28,6 +28,10 @@ def _is_hub_or_folder(source: str) -> bool:
     return path.is_dir() or not looks_local
 
 
+#: records a streamed dataset's check parses
+STREAM_CHECK_RECORDS = 1000
+
+
 def check_text_data(dcfg: DataConfig) -> str:
     """Load the records of a local file (or built-in set) and normalize them all in `dcfg.format`."""
     from nora_cli.data.formats import normalize_records
@@ -35,6 +39,16 @@ def check_text_data(dcfg: DataConfig) -> str:
 
     if _is_hub_or_folder(dcfg.path):
         return f"data {dcfg.path}: hub dataset or folder, checked when it loads"
+    if dcfg.streaming:  # the file may not fit in memory: parse its first records
+        import itertools
+
+        from nora_cli.data.stream import open_stream
+
+        records = list(itertools.islice(iter(open_stream(dcfg)), STREAM_CHECK_RECORDS))
+        if not records:
+            raise NoraError(f"the dataset {dcfg.path} is empty")
+        normalize_records(records, dcfg.format)
+        return f"data {dcfg.path}: streamed, its first {len(records)} records parse in format {dcfg.format}"
     records = load_records(dcfg.path, split=dcfg.split)
     if not records:
         raise NoraError(f"the dataset {dcfg.path} is empty")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,19 +53,14 @@ def _to_device(collate_fn: Any, device: torch.device) -> Any:
 
 def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
     from nora_cli.data.batch import collate
-    from nora_cli.data.formats import normalize_records
-    from nora_cli.data.sources import load_records
-    from nora_cli.data.tokenize import build_datasets
-    from nora_cli.models import load_causal_lm, resolve_source
+    from nora_cli.models import load_causal_lm_weights, load_tokenizer, resolve_source
 
-    mcfg, dcfg = recipe.model, recipe.data
-    records = load_records(dcfg.path, split=dcfg.split)  # data first: a bad file fails before the model loads
-    if not records:
-        raise NoraError(f"the dataset {dcfg.path} is empty")
-    normalize_records(records, dcfg.format)
+    mcfg = recipe.model
     source = resolve_source(mcfg.source, mcfg.gguf_file)
+    tokenizer = load_tokenizer(source, mcfg.trust_remote_code)
+    data = _prepare_data(recipe, tokenizer)  # data first: a bad file fails before the model loads
     device_map = {"": device} if mcfg.quantization else None
-    model, tokenizer = load_causal_lm(
+    model = load_causal_lm_weights(
         source, dtype=mcfg.dtype, quantization=mcfg.quantization, trust_remote_code=mcfg.trust_remote_code,
         device_map=device_map, allow_pickle=mcfg.allow_pickle,
     )
@@ -78,11 +75,6 @@ def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
     if mcfg.quantization is None:
         peft_model.to(device)
 
-    train, val = build_datasets(
-        records, tokenizer, fmt=dcfg.format, template=dcfg.template, cutoff_len=dcfg.cutoff_len,
-        train_on_inputs=dcfg.train_on_inputs, add_eos=dcfg.add_eos, val_set_size=dcfg.val_set_size,
-        seed=recipe.seed, max_samples=dcfg.max_samples, shuffle=dcfg.shuffle,
-    )
     collate_fn = _to_device(partial(collate, pad_token_id=tokenizer.pad_token_id), device)
 
     def save_final(model: Any, target: Path) -> None:
@@ -97,18 +89,54 @@ def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
     forward = TrainForward(peft_model, gradient_checkpointing=mcfg.gradient_checkpointing)
     return Job(
         model=peft_model,
-        train_data=train,
-        val_data=val or None,
+        train_data=data.train,
+        val_data=data.val or None,
         collate=collate_fn,
         loss=forward,
         save_final=save_final,
         meta={
             "base_model": mcfg.source,
             "base_model_resolved": source.name_or_path,
-            "prompt_template": dcfg.template,
+            "prompt_template": recipe.data.template,
             "modifies_base": modifies_base,
             "fast_paths": forward.active(device, recipe.train.mixed_precision),
         },
         unit="tokens",
-        lengths=[len(f["input_ids"]) for f in train],
+        lengths=data.lengths,
+        train_stream=data.stream,
     )
+
+
+@dataclass
+class _Data:
+    train: Sequence[dict]
+    val: Sequence[dict]
+    lengths: list[int] | None = None
+    stream: Callable[[int], Iterator[dict]] | None = None
+
+
+def _prepare_data(recipe: Recipe, tokenizer: Any) -> _Data:
+    """Tokenized data: streamed (`data.streaming`), or tokenized once into the on-disk cache (all ranks: the
+    main rank builds a missing cache first, the others then read it)."""
+    from accelerate import PartialState
+
+    from nora_cli.data.cache import prepare_text_data
+    from nora_cli.data.formats import normalize_records
+    from nora_cli.data.sources import load_records
+
+    dcfg = recipe.data
+    if dcfg.streaming:
+        from nora_cli.data.stream import prepare_stream
+
+        streamed = prepare_stream(dcfg, tokenizer, seed=recipe.seed)
+        return _Data(train=(), val=streamed.val, stream=streamed.stream)
+
+    def load_examples() -> list:
+        records = load_records(dcfg.path, split=dcfg.split)
+        if not records:
+            raise NoraError(f"the dataset {dcfg.path} is empty")
+        return normalize_records(records, dcfg.format)
+
+    with PartialState().main_process_first():
+        data = prepare_text_data(dcfg, tokenizer, seed=recipe.seed, load_examples=load_examples)
+    return _Data(data.train, data.val, data.lengths)
