@@ -50,7 +50,7 @@ def _write(path: Path, records: list[dict]) -> Path:
 
 
 def _dcfg(path: Path, **overrides: object) -> DataConfig:
-    return DataConfig(path=str(path), cutoff_len=64, val_set_size=6, **overrides)
+    return DataConfig(**{"path": str(path), "cutoff_len": 64, "val_set_size": 6, **overrides})
 
 
 def _prepare(dcfg: DataConfig, tok, seed: int = 1):
@@ -137,6 +137,18 @@ def test_cache_is_invalidated_by_what_changes_the_features(tmp_path, tok, change
     again = _prepare(dcfg, tok, seed=seed)
     assert again.hit is False and again.path != first.path
     train, val = _reference(dcfg, tok, seed=seed)
+    assert list(again.train) == train and list(again.val) == val
+
+
+def test_a_damaged_cache_is_rebuilt(tmp_path, tok):
+    dcfg = _dcfg(_write(tmp_path / "d.jsonl", _records(40)))
+    first = _prepare(dcfg, tok)
+    table = first.path / json.loads((first.path / "meta.json").read_text())["files"][0]
+    del first
+    table.write_bytes(table.read_bytes()[:100])
+    again = _prepare(dcfg, tok)
+    assert again.hit is False
+    train, val = _reference(dcfg, tok)
     assert list(again.train) == train and list(again.val) == val
 
 

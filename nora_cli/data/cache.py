@@ -84,17 +84,33 @@ def prepare_text_data(
     root = cache_dir() / "data"
     key = cache_key(dcfg, tokenizer, seed)
     folder = root / key
-    hit = (folder / META).is_file()
-    if not hit:
+    opened = _try_open(folder)
+    hit = opened is not None
+    if opened is None:
         root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(root / f"{key}.lock")):  # one builder; the others wait, then read its table
-            hit = (folder / META).is_file()
-            if not hit:
+            opened = _try_open(folder)
+            hit = opened is not None
+            if opened is None:
                 _build(folder, dcfg, tokenizer, seed, load_examples)
-    train, val = open_cached(folder)
+                opened = open_cached(folder)
+    train, val = opened
     print(f"data: {'read' if hit else 'tokenized into'} {folder} ({len(train)} train, {len(val)} val examples)",
           file=sys.stderr)
     return TextData(train, val, train.lengths(), hit, folder)
+
+
+def _try_open(folder: Path) -> tuple[ArrowExamples, ArrowExamples] | None:
+    """The cached views, or None when the folder is missing or damaged (then it is removed, to be rebuilt)."""
+    if not (folder / META).is_file():
+        return None
+    try:
+        return open_cached(folder)
+    except Exception as err:  # a truncated or deleted table file: pyarrow raises ArrowInvalid/OSError/...
+        print(f"data: the cached table {folder} is unreadable ({type(err).__name__}); tokenizing again",
+              file=sys.stderr)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
 
 
 def _ordered(dcfg: DataConfig, seed: int, load_examples: Callable[[], list[Example]]) -> tuple[list[Example], int]:
@@ -146,9 +162,9 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of what the tokenizer does, not where it was loaded from."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    extra = [type(tokenizer).__name__, tokenizer.chat_template, tokenizer.special_tokens_map,
-             tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-             getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None)]
+    extra = [type(tokenizer).__name__] + [getattr(tokenizer, name, None) for name in (
+        "chat_template", "special_tokens_map", "bos_token_id", "eos_token_id", "pad_token_id", "add_bos_token",
+        "add_eos_token")]
     digest = hashlib.sha256(vocab.encode())
     digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return digest.hexdigest()
@@ -194,7 +210,7 @@ def _build(folder: Path, dcfg: DataConfig, tokenizer: PreTrainedTokenizerBase, s
             features=features, num_proc=_num_proc(dcfg.num_proc, len(source)),
             cache_file_name=str(tmp / "features.arrow"), new_fingerprint=folder.name, desc="tokenizing",
         )
-        n_val_kept = int(pc.sum(mapped.data.column("val")).as_py() or 0)
+        n_val_kept = int(pc.sum(pc.cast(mapped.data.column("val"), "int64")).as_py() or 0)
         if len(mapped) - n_val_kept == 0:
             raise tokenize.no_training_example(dcfg.cutoff_len)
         meta = {"version": CACHE_VERSION, "files": [Path(f["filename"]).name for f in mapped.cache_files],
@@ -202,6 +218,8 @@ def _build(folder: Path, dcfg: DataConfig, tokenizer: PreTrainedTokenizerBase, s
         del mapped, source
         (tmp / META).write_text(json.dumps(meta, indent=1))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is as shared as its parent
+        if folder.exists():  # a damaged table (see _try_open)
+            shutil.rmtree(folder)
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
