@@ -68,7 +68,7 @@ def write_text(path: Path, n: int) -> None:
 # --- one measured arm (a fresh process) ----------------------------------------------------------------
 
 
-def child(arm: str, data: str, result: str, num_proc: int) -> None:
+def child(arm: str, data: str, cache: str, result: str, num_proc: int) -> None:
     import datasets  # noqa: F401  (every arm pays the same imports before the clock starts)
     import torch  # noqa: F401
     import transformers  # noqa: F401
@@ -79,7 +79,8 @@ def child(arm: str, data: str, result: str, num_proc: int) -> None:
     from nora_cli.data.stream import prepare_stream
     from nora_cli.models import load_tokenizer, resolve_source
 
-    tok = load_tokenizer(resolve_source("smollm2-135m"))
+    tok = load_tokenizer(resolve_source("smollm2-135m"))  # the model cache is the caller's $NORA_CACHE
+    os.environ["NORA_CACHE"] = cache  # the data cache: fresh for the first run of each round
     imports_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     digest = hashlib.sha256()
     start = time.perf_counter()
@@ -120,9 +121,9 @@ def child(arm: str, data: str, result: str, num_proc: int) -> None:
 
 def measure(arm: str, data: Path, cache: Path, work: Path, num_proc: int) -> dict:
     result = work / f"{arm}-{time.monotonic_ns()}.json"
-    env = {**os.environ, "NORA_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": str(REPO), "HF_DATASETS_CACHE": str(work / "hf")}
-    cmd = [sys.executable, __file__, "--child", arm, "--data", str(data), "--result", str(result),
+    cmd = [sys.executable, __file__, "--child", arm, "--data", str(data), "--cache", str(cache), "--result", str(result),
            "--num-proc", str(num_proc)]
     proc = run_measured(cmd, env=env, log=work / f"{arm}.log")
     out = {**json.loads(result.read_text()), "wall_s": proc["wall_s"], "peak_rss_mib": proc["peak_rss_mb"]}
@@ -140,9 +141,10 @@ def main() -> None:
     parser.add_argument("--child")
     parser.add_argument("--data")
     parser.add_argument("--result")
+    parser.add_argument("--cache")
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.data, args.result, args.num_proc)
+        return child(args.child, args.data, args.cache, args.result, args.num_proc)
 
     # this process stays small (no torch before the children run): a child's peak RSS starts at its parent's
     load_before = os.getloadavg()
