@@ -50,7 +50,8 @@ def _write(path: Path, records: list[dict]) -> Path:
 
 
 def _dcfg(path: Path, **overrides: object) -> DataConfig:
-    return DataConfig(**{"path": str(path), "cutoff_len": 64, "val_set_size": 6, **overrides})
+    return DataConfig(**{"path": str(path), "cutoff_len": 64, "val_set_size": 6, "train_on_inputs": False,
+                         **overrides})
 
 
 def _prepare(dcfg: DataConfig, tok, seed: int = 1):
@@ -131,7 +132,7 @@ def test_cache_is_invalidated_by_what_changes_the_features(tmp_path, tok, change
     elif change == "seed":
         seed = 2
     else:
-        new = {"template": "none", "cutoff_len": 48, "train_on_inputs": False, "val_set_size": 3,
+        new = {"template": "none", "cutoff_len": 48, "train_on_inputs": True, "val_set_size": 3,
                "max_samples": 30}[change]
         dcfg = dcfg.model_copy(update={change: new})
     again = _prepare(dcfg, tok, seed=seed)
@@ -176,9 +177,9 @@ def test_stream_is_seeded_and_resumes_at_the_exact_example(tmp_path, tok):
     # each pass is a reshuffled permutation of the learnable training records; val is the first 4 records
     plain = dict(shuffle=False, val_set_size=0)
     expected, _ = build_datasets(records[4:], tok, fmt="alpaca", template="alpaca", cutoff_len=64,
-                                 train_on_inputs=True, add_eos=True, seed=0, **plain)
+                                 train_on_inputs=False, add_eos=True, seed=0, **plain)
     val, _ = build_datasets(records[:4], tok, fmt="alpaca", template="alpaca", cutoff_len=64,
-                            train_on_inputs=True, add_eos=True, seed=0, **plain)
+                            train_on_inputs=False, add_eos=True, seed=0, **plain)
     assert one.val == val
     n = len(expected)
     key = lambda f: json.dumps(f, sort_keys=True)  # noqa: E731
