@@ -49,7 +49,8 @@ def lock_held_by_launcher(out_dir: Path) -> bool:
 #: what a step computes. A new max_steps/epochs also re-plans the lr schedule's length.
 RESUME_MAY_CHANGE = (
     "train.max_steps", "train.epochs", "train.save_steps", "train.eval_steps", "train.log_steps",
-    "train.keep_last", "train.save_best", "train.nan_policy", "train.threads", "model.allow_pickle", "eval.",
+    "train.keep_last", "train.save_best", "train.nan_policy", "train.threads", "model.allow_pickle", "data.cache",
+    "data.num_proc", "eval.",
     "output.",
 )
 

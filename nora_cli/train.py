@@ -92,7 +92,8 @@ def _train_locked(recipe: Recipe, out_dir: Path, *, resume: bool, overwrite: boo
         try:
             set_seed(recipe.seed)
             job = TASKS[recipe.task].build_job(recipe, accelerator.device, out_dir)
-            sched = loop.plan_schedule(len(job.train_data), recipe.train, accelerator.num_processes)
+            n_examples = None if job.train_stream is not None else len(job.train_data)
+            sched = loop.plan_schedule(n_examples, recipe.train, accelerator.num_processes)
             if main:
                 need = checkpoint_bytes_needed(job.model, recipe, sched.total_steps,
                                                modifies_base=bool(job.meta.get("modifies_base")))

@@ -248,6 +248,22 @@ class DataConfig(_SourceKeys):
         "and positions restart per example, so the loss is the unpacked one. Batch sizes then count rows.",
     )
 
+    cache: bool = Field(
+        True, description="Tokenize once into an arrow table under $NORA_CACHE/data, keyed by the data files, "
+        "tokenizer, template, format, cutoff and split; later runs, --resume and other ranks memory-map it.",
+    )
+    num_proc: Int | None = Field(
+        None, gt=0, description="Processes that tokenize a cache miss (null: the usable CPUs, up to 8, "
+        "for 5,000 examples or more; else 1).",
+    )
+    streaming: bool = Field(
+        False, description="Read the data lazily (hub, local files) and tokenize as training goes, for data "
+        "larger than RAM; needs train.max_steps. --resume skips the examples already trained on.",
+    )
+    shuffle_buffer: Int = Field(
+        10_000, gt=0, description="With streaming: the seeded shuffle buffer's size in records.",
+    )
+
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
         if self.datasets is not None:
@@ -256,6 +272,9 @@ class DataConfig(_SourceKeys):
                 raise ValueError(f"data.{given[0]} cannot be used with data.datasets; move it into each entry")
             if not self.datasets:
                 raise ValueError("data.datasets is empty; list at least one {path: ...}")
+        if self.streaming and (self.datasets is not None or self.packing):
+            other = "data.datasets" if self.datasets is not None else "data.packing"
+            raise ValueError(f"data.streaming cannot be combined with {other} yet; turn one of them off")
         return self
 
 
@@ -437,6 +456,8 @@ class Recipe(_Section):
         }
         if updates:
             self.optimizer = self.optimizer.model_copy(update=updates)
+        if self.data.streaming and self.train.max_steps is None:
+            raise ValueError("data.streaming needs train.max_steps: a stream's length is not known in advance")
         if self.task == "dreambooth" and self.dreambooth is None:
             raise ValueError("task 'dreambooth' needs a `dreambooth:` section (instance prompt, images, ...)")
         if self.task == "dreambooth" and "target_modules" not in self.adapter.model_fields_set:

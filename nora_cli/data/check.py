@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 PEEK = 100
 
 
+#: records a streamed dataset's check parses
+STREAM_CHECK_RECORDS = 1000
+
+
 def check_text_data(dcfg: DataConfig) -> str:
     """Read every source (only the first PEEK records of a hub dataset) and normalize the records."""
     from nora_cli.data.formats import normalize_records
@@ -30,6 +34,16 @@ def check_text_data(dcfg: DataConfig) -> str:
         from nora_cli.data.templates import chat_template_source
 
         chat_template_source(dcfg.template, None)
+    if dcfg.streaming:  # the data may not fit in memory: parse its first records
+        import itertools
+
+        from nora_cli.data.stream import open_stream
+
+        records = list(itertools.islice(iter(open_stream(dcfg)), STREAM_CHECK_RECORDS))
+        if not records:
+            raise NoraError(f"the dataset {dcfg.path} is empty")
+        normalize_records(records, dcfg.format)
+        return f"data {dcfg.path}: streamed, its first {len(records)} records parse in format {dcfg.format}"
     records, fmt = training_records(dcfg, seed=0, peek=PEEK)
     normalize_records(records, fmt)
     if dcfg.datasets is None:

@@ -7,7 +7,7 @@ after a minute of loading) and tokenizes once the tokenizer is there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,3 +52,52 @@ def tokenized_splits(
     if not dcfg.packing:
         return train, val
     return PackedRows(train, dcfg.cutoff_len), (PackedRows(val, dcfg.cutoff_len) if val else val)
+
+
+@dataclass
+class TrainingData:
+    """What the causal-LM job trains on: indexable train/val rows (tokenized examples from the on-disk cache,
+    or packed rows), their lengths for the loop's grouping (None when packed or streamed), or a stream."""
+
+    train: Sequence[dict[str, Any]]
+    val: Sequence[dict[str, Any]]
+    lengths: list[int] | None
+    stream: Callable[[int], Iterator[dict[str, Any]]] | None
+    packing: dict[str, Any] | None  # rows, examples, efficiency when packed
+
+
+def conversational(dcfg: DataConfig) -> bool:
+    """Whether the records are conversations (they render through a chat template even under `alpaca`)."""
+    formats = [dcfg.format] + [entry.format or dcfg.format for entry in dcfg.datasets or ()]
+    return any(fmt in ("chat", "sharegpt") for fmt in formats)
+
+
+def training_data(dcfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> TrainingData:
+    """The job's data: streamed (`data.streaming`), else tokenized once into the on-disk cache (read back on
+    later runs, --resume and the other ranks: the main rank builds a missing cache first), then packed with
+    `data.packing`. Records are read only on a cache miss."""
+    from accelerate import PartialState
+
+    from nora_cli.data.cache import prepare_text_data
+    from nora_cli.data.formats import normalize_records
+    from nora_cli.data.mixture import training_records
+    from nora_cli.data.packing import PackedRows
+
+    if dcfg.streaming:
+        from nora_cli.data.stream import prepare_stream
+
+        streamed = prepare_stream(dcfg, tokenizer, seed=seed)
+        return TrainingData(train=(), val=streamed.val, lengths=None, stream=streamed.stream, packing=None)
+
+    def load_examples() -> list[Example]:
+        records, fmt = training_records(dcfg, seed)
+        return normalize_records(records, fmt)
+
+    with PartialState().main_process_first():
+        data = prepare_text_data(dcfg, tokenizer, seed=seed, load_examples=load_examples)
+    if not dcfg.packing:
+        return TrainingData(data.train, data.val, data.lengths, None, None)
+    train = PackedRows(data.train, dcfg.cutoff_len)
+    val = PackedRows(data.val, dcfg.cutoff_len) if len(data.val) else data.val
+    info = {"rows": len(train), "examples": len(train.example_lengths), "efficiency": round(train.efficiency, 4)}
+    return TrainingData(train, val, None, None, info)

@@ -131,6 +131,39 @@ def _val_count(val_set_size: float, n: int) -> int:
     return count
 
 
+def order_examples(
+    examples: list[Example], *, val_set_size: int | float, seed: int, max_samples: int | None = None,
+    shuffle: bool = True,
+) -> tuple[list[Example], int]:
+    """The examples in training order and how many at the end are validation (the split of `build_datasets`).
+
+    Shuffled with a local `random.Random(seed)` (never the global RNG), then capped at `max_samples`.
+    """
+    order = list(range(len(examples)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    if max_samples is not None:
+        order = order[:max_samples]
+    if not order:
+        raise NoraError("the dataset is empty")
+    return [examples[i] for i in order], _val_count(val_set_size, len(order))
+
+
+def split_features(
+    features: list[dict[str, list[int]]], n_val: int, cutoff_len: int,
+) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]]]:
+    """(train, val): the last `n_val` features are validation; unlearnable features are dropped."""
+    train = [f for f in features[: len(features) - n_val] if learnable(f)]
+    val = [f for f in features[len(features) - n_val:] if learnable(f)]
+    if not train:
+        raise no_training_example(cutoff_len)
+    return train, val
+
+
+def no_training_example(cutoff_len: int) -> NoraError:
+    return NoraError(f"no training example has response tokens within cutoff_len={cutoff_len}")
+
+
 def build_datasets(
     records: list[dict],
     tokenizer: PreTrainedTokenizerBase,
@@ -150,26 +183,17 @@ def build_datasets(
     Records are shuffled with a local `random.Random(seed)` (never the global RNG), capped at
     `max_samples`, and the last `val_set_size` become the validation set. Examples with nothing
     to learn (every shifted label -100, e.g. a prompt longer than cutoff_len) are dropped.
+    This is the in-memory path; `nora_cli.data.cache` computes the same features once into an on-disk table.
     """
     if cutoff_len < 2:
         raise NoraError(f"cutoff_len must be at least 2 tokens, got {cutoff_len}")
-    examples = normalize_records(records, fmt)
-    order = list(range(len(examples)))
-    if shuffle:
-        random.Random(seed).shuffle(order)
-    if max_samples is not None:
-        order = order[:max_samples]
-    if not order:
-        raise NoraError("the dataset is empty")
-    n_val = _val_count(val_set_size, len(order))
-    features = _tokenize_many([examples[i] for i in order], tokenizer, template=template, cutoff_len=cutoff_len,
+    examples, n_val = order_examples(normalize_records(records, fmt), val_set_size=val_set_size, seed=seed,
+                                     max_samples=max_samples, shuffle=shuffle)
+    features = _tokenize_many(examples, tokenizer, template=template, cutoff_len=cutoff_len,
                               train_on_inputs=train_on_inputs, add_eos=add_eos)
-    train = [f for f in features[: len(order) - n_val] if _learnable(f)]
-    val = [f for f in features[len(order) - n_val:] if _learnable(f)]
-    if not train:
-        raise NoraError(f"no training example has response tokens within cutoff_len={cutoff_len}")
-    return train, val
+    return split_features(features, n_val, cutoff_len)
 
 
-def _learnable(feature: dict[str, list[int]]) -> bool:
+def learnable(feature: dict[str, list[int]]) -> bool:
+    """Some label after the first is scored (the causal-LM loss shifts labels by one)."""
     return any(label != IGNORE_INDEX for label in feature["labels"][1:])

@@ -8,7 +8,7 @@ schedule, logging, checkpoints, resume, signals), so there is exactly one loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,3 +45,6 @@ class Job:
     unit: str = "tokens"
     #: per-example size (LM: tokens); the loop groups each step's examples by it into micro-batches
     lengths: Sequence[int] | None = None
+    #: streaming data (train_data then unused): `train_stream(skip)` yields the examples in training order from
+    #: example `skip` on, without end; the loop takes the next batch_size of them per optimizer step
+    train_stream: Callable[[int], Iterator[Any]] | None = None

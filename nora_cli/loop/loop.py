@@ -9,6 +9,7 @@ checkpoint only needs the step number to resume mid-epoch exactly.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import signal
@@ -67,13 +68,19 @@ class Schedule:
     batch: int  # global examples per optimizer step
 
 
-def plan_schedule(n_examples: int, train_cfg: TrainConfig, world: int) -> Schedule:
-    """The run's step arithmetic for `world` processes; computed once per run and handed to `run`."""
+def plan_schedule(n_examples: int | None, train_cfg: TrainConfig, world: int) -> Schedule:
+    """The run's step arithmetic for `world` processes; computed once per run and handed to `run`.
+
+    `n_examples` None is a stream of unknown length: the run is train.max_steps long and is its one "epoch"."""
     if train_cfg.batch_size % (train_cfg.micro_batch_size * world):
         raise NoraError(
             f"train.batch_size={train_cfg.batch_size} must be a multiple of train.micro_batch_size × "
             f"processes = {train_cfg.micro_batch_size} × {world}"
         )
+    if n_examples is None:
+        if not train_cfg.max_steps:
+            raise NoraError("streaming data needs train.max_steps: a stream's length is not known in advance")
+        n_examples = train_cfg.max_steps * train_cfg.batch_size
     steps_per_epoch = n_examples // train_cfg.batch_size
     if steps_per_epoch == 0:
         raise NoraError(f"the training set has {n_examples} examples, fewer than train.batch_size={train_cfg.batch_size}")
@@ -189,12 +196,18 @@ def run(job: Job, recipe: Recipe, sched: Schedule, accelerator: Any, out_dir: Pa
 
     log = MetricsLog(out_dir / "metrics.jsonl", enabled=main, append=resume and start_step > 0)
     step = start_step
+    stream = job.train_stream(start_step * sched.batch) if job.train_stream is not None else None
     with _SignalFlag(out_dir, log) as flag, log.progress(sched.total_steps, start_step, job.unit) as progress:
         while step < sched.total_steps:
             t0 = time.perf_counter()
             flag.step = step + 1
             model.train()
-            indices = step_indices(step, sched, n, recipe.seed, recipe.data.shuffle, job.lengths)
+            if stream is None:
+                source, indices = job.train_data, step_indices(step, sched, n, recipe.seed, recipe.data.shuffle,
+                                                               job.lengths)
+            else:  # the stream's next batch; every rank reads the same examples and takes its share
+                source = list(itertools.islice(stream, sched.batch))
+                indices = list(range(len(source)))
 
             # --- forward/backward over this process's micro-batches -----------------------
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -202,7 +215,7 @@ def run(job: Job, recipe: Recipe, sched: Schedule, accelerator: Any, out_dir: Pa
             units = 0
             for i in range(sched.accum):
                 lo = (i * world + rank) * sched.micro
-                batch = job.collate([job.train_data[j] for j in indices[lo : lo + sched.micro]])
+                batch = job.collate([source[j] for j in indices[lo : lo + sched.micro]])
                 last = i == sched.accum - 1
                 with accelerator.no_sync(model) if not last else nullcontext(), accelerator.autocast():
                     out = job.loss(model, batch)

@@ -50,16 +50,19 @@ def _to_device(collate_fn: Any, device: torch.device) -> Any:
 
 def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
     from nora_cli.data.batch import collate
-    from nora_cli.data.packing import PackedRows, collate_packed
-    from nora_cli.data.prepare import read_records, tokenized_splits
-    from nora_cli.data.templates import trained_chat_template
-    from nora_cli.models import load_causal_lm, resolve_source
+    from nora_cli.data.example import Example
+    from nora_cli.data.packing import collate_packed
+    from nora_cli.data.prepare import conversational, training_data
+    from nora_cli.data.templates import chat_template_source, uses_chat_template
+    from nora_cli.models import load_causal_lm_weights, load_tokenizer, resolve_source
 
     mcfg, dcfg = recipe.model, recipe.data
-    data = read_records(dcfg, recipe.seed)  # data first: a bad file fails before the model loads
     source = resolve_source(mcfg.source, mcfg.gguf_file)
+    tokenizer = load_tokenizer(source, mcfg.trust_remote_code)
+    data = training_data(dcfg, tokenizer, recipe.seed)  # data first: a bad file fails before the model loads
+    packed = data.packing is not None
     device_map = {"": device} if mcfg.quantization else None
-    model, tokenizer = load_causal_lm(
+    model = load_causal_lm_weights(
         source, dtype=mcfg.dtype, quantization=mcfg.quantization, trust_remote_code=mcfg.trust_remote_code,
         device_map=device_map, allow_pickle=mcfg.allow_pickle,
     )
@@ -74,13 +77,11 @@ def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
     if mcfg.quantization is None:
         peft_model.to(device)
 
-    train, val = tokenized_splits(data, dcfg, tokenizer, recipe.seed)
-    packed = isinstance(train, PackedRows)
     collate_fn = _to_device(partial(collate_packed if packed else collate, pad_token_id=tokenizer.pad_token_id),
                             device)
-    chat_template = trained_chat_template(dcfg.template, tokenizer, data.first)
-    if chat_template is not None:  # saved with the adapter: `nora sample`, apply_chat_template reproduce it
-        tokenizer.chat_template = chat_template
+    if uses_chat_template(dcfg.template, Example(messages=({},) if conversational(dcfg) else ())):
+        # saved with the adapter: `nora sample` and vanilla apply_chat_template reproduce it
+        tokenizer.chat_template = chat_template_source(dcfg.template, tokenizer)
 
     def save_final(model: Any, target: Path) -> None:
         if modifies_base:
@@ -92,14 +93,11 @@ def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
         tokenizer.save_pretrained(target)
 
     forward = TrainForward(peft_model, gradient_checkpointing=mcfg.gradient_checkpointing, packed=packed)
-    meta: dict[str, Any] = {}
-    if packed:
-        meta["packing"] = {"rows": len(train), "examples": len(train.example_lengths),
-                           "efficiency": round(train.efficiency, 4)}
+    meta: dict[str, Any] = {"packing": data.packing} if packed else {}
     return Job(
         model=peft_model,
-        train_data=train,
-        val_data=val or None,
+        train_data=data.train,
+        val_data=data.val or None,
         collate=collate_fn,
         loss=forward,
         save_final=save_final,
@@ -112,6 +110,6 @@ def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
             **meta,
         },
         unit="tokens",
-        # length-grouped micro-batches pad less; packed rows are all about cutoff_len long, so no grouping
-        lengths=None if packed else [len(f["input_ids"]) for f in train],
+        lengths=data.lengths,
+        train_stream=data.stream,
     )
