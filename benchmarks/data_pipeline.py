@@ -73,7 +73,7 @@ def child(arm: str, data: str, cache: str, result: str, num_proc: int) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from nora_cli.config.schema import DataConfig
+    from nora_cli.config.data import DataConfig
     from nora_cli.data import build_datasets, load_records, normalize_records
     from nora_cli.data.cache import prepare_text_data
     from nora_cli.data.stream import prepare_stream

@@ -10,6 +10,8 @@
   the OS drops it when the process dies, even by SIGKILL). `--overwrite` moves the old run's entries aside
   inside the same directory, so the locked inode stays the run's for its whole life.
 - Resume: the new resolved recipe must equal the checkpoint's, except for the keys in `RESUME_MAY_CHANGE`.
+
+Size (~400 lines): this module is the one owner of a run directory, so all of the above stays together.
 """
 
 from __future__ import annotations

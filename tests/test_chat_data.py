@@ -177,9 +177,9 @@ def test_train_on_inputs_defaults_by_format(tok: Any) -> None:
 
 
 def test_recipes_keep_their_behaviour_and_old_recipes_load(tmp_path: Path) -> None:
+    from nora_cli.config.data import DataConfig
     from nora_cli.config.load import load_recipe, recipe_to_yaml, shipped_recipes
     from nora_cli.config.names import TemplateName
-    from nora_cli.config.schema import DataConfig
 
     assert get_args(TemplateName) == TEMPLATES  # config's Literal mirrors data/templates.py
     assert DataConfig().train_on_inputs is None

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nora_cli.config.schema import DataConfig, Recipe, TrainConfig
+from nora_cli.config.data import DataConfig
+from nora_cli.config.schema import Recipe, TrainConfig
 from nora_cli.data import build_datasets, load_records, normalize_records, tokenize
 from nora_cli.data.cache import prepare_text_data, tokenizer_fingerprint
 from nora_cli.data.stream import prepare_stream

@@ -15,7 +15,7 @@ from typing import Any, get_args
 import pytest
 import yaml
 
-from nora_cli.config.schema import DataConfig, FormatName
+from nora_cli.config.data import DataConfig, FormatName
 from nora_cli.data.check import check_text_data
 from nora_cli.data.example import Example
 from nora_cli.data.formats import FORMATS, apply_mapping, normalize_records

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     from transformers import PreTrainedTokenizerBase
 
-    from nora_cli.config.schema import DataConfig
+    from nora_cli.config.data import DataConfig
 
 CACHE_VERSION = 1
 META = "meta.json"

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from nora_cli.errors import NoraError
 
 if TYPE_CHECKING:
-    from nora_cli.config.schema import DataConfig, DreamBoothConfig
+    from nora_cli.config.data import DataConfig
+    from nora_cli.config.schema import DreamBoothConfig
 
 
 #: records read from a hub dataset to check its format (streamed when online; the rest loads in training)

@@ -16,7 +16,7 @@ from nora_cli.data.sources import is_hub_id, load_records, peek_hub
 from nora_cli.errors import NoraError
 
 if TYPE_CHECKING:
-    from nora_cli.config.schema import DataConfig, DataSource
+    from nora_cli.config.data import DataConfig, DataSource
 
 
 def read_source(src: DataConfig | DataSource, fmt: str, *, peek: int | None = None) -> list[dict]:

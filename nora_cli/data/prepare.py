@@ -16,7 +16,7 @@ from nora_cli.data.example import Example
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from nora_cli.config.schema import DataConfig
+    from nora_cli.config.data import DataConfig
 
 
 @dataclass

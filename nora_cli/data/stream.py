@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from datasets import IterableDataset
     from transformers import PreTrainedTokenizerBase
 
-    from nora_cli.config.schema import DataConfig
+    from nora_cli.config.data import DataConfig
 
 #: records normalized and tokenized together
 STREAM_BATCH = 256

@@ -5,6 +5,9 @@ Reads top to bottom: setup → (resume) → for each optimizer step: lr → micr
 NoRA+ preconditioner (once per optimizer step, after unscaling) → clip → step → log →
 validate → checkpoint → stop checks. Data order is a pure function of (seed, step), so a
 checkpoint only needs the step number to resume mid-epoch exactly.
+
+Size (~400 lines): the loop is meant to be read in one sitting, top to bottom, with the few helpers it
+alone uses (schedule, step indices, one optimizer step, evaluation) beside it.
 """
 
 from __future__ import annotations
