@@ -19,12 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -197,8 +196,9 @@ def _build(folder: Path, dcfg: DataConfig, tokenizer: PreTrainedTokenizerBase, s
 
     examples, n_val = _ordered(dcfg, seed, load_examples)
     n_train = len(examples) - n_val
-    # Examples travel to the workers pickled: exact for any field a format fills, and no schema to infer.
-    source = datasets.Dataset.from_dict({"example": [pickle.dumps(e, protocol=5) for e in examples]})
+    # Examples travel to the workers as JSON text: exact for the string fields an Example holds (no pickle:
+    # nothing nora reads back may run code), and no arrow schema to infer for the messages.
+    source = datasets.Dataset.from_dict({"example": [json.dumps(asdict(e)) for e in examples]})
     del examples
     features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
                                   "labels": datasets.List(datasets.Value("int32")), "val": datasets.Value("bool")})
@@ -225,10 +225,15 @@ def _build(folder: Path, dcfg: DataConfig, tokenizer: PreTrainedTokenizerBase, s
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _example(text: str) -> Example:
+    fields = json.loads(text)
+    return Example(**{**fields, "messages": tuple(fields["messages"])})
+
+
 def _tokenize_batch(batch: dict[str, list[Any]], indices: list[int], *, tokenizer: PreTrainedTokenizerBase,
                     options: dict[str, Any], n_train: int) -> dict[str, list[Any]]:
     """One `map` batch: the features of `build_datasets` for these examples, unlearnable ones dropped."""
-    examples = [pickle.loads(blob) for blob in batch["example"]]
+    examples = [_example(text) for text in batch["example"]]
     features = tokenize._tokenize_many(examples, tokenizer, **options)
     kept = [(f, i) for f, i in zip(features, indices, strict=True) if tokenize.learnable(f)]
     return {"input_ids": [f["input_ids"] for f, _ in kept], "labels": [f["labels"] for f, _ in kept],
