@@ -21,11 +21,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class Records:
-    """The recipe's records (every source read, several mixed) in `format`, and the first one normalized."""
+    """The recipe's records (every source read, several mixed) and the format they are in."""
 
     records: list[dict]
     format: str
-    first: Example
 
 
 def read_records(dcfg: DataConfig, seed: int) -> Records:
@@ -34,7 +33,8 @@ def read_records(dcfg: DataConfig, seed: int) -> Records:
     from nora_cli.data.mixture import training_records
 
     records, fmt = training_records(dcfg, seed)
-    return Records(records, fmt, normalize_records(records, fmt)[0])
+    normalize_records(records, fmt)
+    return Records(records, fmt)
 
 
 def tokenized_splits(

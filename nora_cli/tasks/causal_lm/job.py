@@ -53,7 +53,7 @@ def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
     from nora_cli.data.example import Example
     from nora_cli.data.packing import collate_packed
     from nora_cli.data.prepare import conversational, training_data
-    from nora_cli.data.templates import chat_template_source, uses_chat_template
+    from nora_cli.data.templates import trained_chat_template
     from nora_cli.models import load_causal_lm_weights, load_tokenizer, resolve_source
 
     mcfg, dcfg = recipe.model, recipe.data
@@ -79,9 +79,10 @@ def build_lm_job(recipe: Recipe, device: torch.device, out_dir: Path) -> Job:
 
     collate_fn = _to_device(partial(collate_packed if packed else collate, pad_token_id=tokenizer.pad_token_id),
                             device)
-    if uses_chat_template(dcfg.template, Example(messages=({},) if conversational(dcfg) else ())):
-        # saved with the adapter: `nora sample` and vanilla apply_chat_template reproduce it
-        tokenizer.chat_template = chat_template_source(dcfg.template, tokenizer)
+    # the chat template training used is saved with the adapter: `nora sample` and apply_chat_template reproduce it
+    trained = trained_chat_template(dcfg.template, tokenizer, Example(messages=({},) if conversational(dcfg) else ()))
+    if trained is not None:
+        tokenizer.chat_template = trained
 
     def save_final(model: Any, target: Path) -> None:
         if modifies_base:
